@@ -1,0 +1,1 @@
+"""Embedded MQTT broker: amqtt, hardened (see docs/broker.md)."""
