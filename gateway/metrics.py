@@ -1,0 +1,55 @@
+"""Every Prometheus metric the gateway exports, declared in one place.
+
+One :class:`Metrics` per gateway process (its own registry, so tests can run several
+gateways in one interpreter). Modules receive it and update the named metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+COMMIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.messages_in = Counter(
+            "siteward_messages_in", "Messages received, by source", ["source"], registry=r
+        )
+        self.readings_stored = Counter(
+            "siteward_readings_stored", "Readings committed to the store", registry=r
+        )
+        self.rejected = Counter(
+            "siteward_rejected", "Messages or readings refused, by reason", ["reason"], registry=r
+        )
+        self.dropped = Counter(
+            "siteward_dropped", "Stored data dropped by policy, by policy", ["policy"], registry=r
+        )
+        self.commit_seconds = Histogram(
+            "siteward_commit_seconds", "Store group-commit latency", buckets=COMMIT_BUCKETS, registry=r
+        )
+        self.commit_batch = Histogram(
+            "siteward_commit_batch_ops",
+            "Operations per group commit",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.queue_depth = Gauge("siteward_store_queue_depth", "Writes waiting for commit", registry=r)
+        self.db_bytes = Gauge("siteward_db_bytes", "Database size on disk (file + WAL)", registry=r)
+        self.connected_clients = Gauge(
+            "siteward_mqtt_connected_clients", "MQTT clients connected to the broker", registry=r
+        )
+        self.devices = Gauge("siteward_devices", "Known devices, by online state", ["state"], registry=r)
+        self.commands = Counter("siteward_commands", "Commands, by final state", ["state"], registry=r)
+        self.live_dropped = Counter(
+            "siteward_live_dropped", "Live-feed updates dropped for slow viewers", registry=r
+        )
+        self.task_restarts = Counter(
+            "siteward_task_restarts", "Supervised task restarts", ["task"], registry=r
+        )
+        self.clock_synced = Gauge("siteward_clock_synchronised", "1 when the wall clock is synced", registry=r)
+        self.broker_stat = Gauge("siteward_broker", "Embedded broker statistics", ["stat"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,179 @@
+"""Numbered schema migrations. Append only: never edit a migration that has shipped.
+
+``PRAGMA user_version`` holds the number of the last migration applied; each
+migration runs in its own transaction together with the bump of that number, so a
+crash mid-migration leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+        CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            name TEXT,
+            kind TEXT NOT NULL DEFAULT 'node',
+            profile TEXT,
+            state TEXT NOT NULL DEFAULT 'discovered',
+            firmware TEXT,
+            location TEXT,
+            created_at REAL NOT NULL,
+            last_seen REAL,
+            online INTEGER NOT NULL DEFAULT 0,
+            attributes TEXT NOT NULL DEFAULT '{}'
+        );
+
+        CREATE TABLE device_credentials (
+            device_id TEXT PRIMARY KEY,
+            username TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            profiles TEXT NOT NULL DEFAULT '["native"]',
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+
+        -- one row per (device, metric): keeps readings rows small (integer series id)
+        CREATE TABLE series (
+            id INTEGER PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            unit TEXT NOT NULL DEFAULT '',
+            UNIQUE (device_id, metric)
+        );
+
+        -- history AND outbox: id is the idempotency key sent to the cloud; AUTOINCREMENT
+        -- so that an id is never reused after retention deleted the newest rows.
+        CREATE TABLE readings (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            series_id INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            value REAL NOT NULL,
+            flags INTEGER NOT NULL DEFAULT 0,
+            source INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX readings_series_ts ON readings (series_id, ts);
+
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            device_id TEXT,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX events_device_ts ON events (device_id, ts);
+
+        CREATE TABLE commands (
+            id TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            command TEXT NOT NULL,
+            args TEXT NOT NULL DEFAULT '{}',
+            expect TEXT,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            deadline REAL NOT NULL,
+            result TEXT
+        );
+        CREATE INDEX commands_device ON commands (device_id, created_at);
+
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+
+        CREATE TABLE users (
+            username TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'technician', 'viewer')),
+            created_at REAL NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0
+        );
+
+        CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            username TEXT NOT NULL,
+            name TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_used REAL,
+            revoked_at REAL
+        );
+
+        CREATE TABLE web_sessions (
+            id_hash TEXT PRIMARY KEY,
+            username TEXT NOT NULL,
+            csrf TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        );
+
+        -- consumers of the readings outbox (cloud_sync) and the last id each acknowledged
+        CREATE TABLE outbox_consumers (
+            name TEXT PRIMARY KEY,
+            acked_id INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL
+        );
+
+        -- persisted counters: drops by policy must survive restarts to be reported upward
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL DEFAULT 0);
+        """,
+    ),
+]
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def apply_migrations(conn: sqlite3.Connection) -> list[int]:
+    """Apply every pending migration; returns the numbers applied."""
+    applied: list[int] = []
+    have = current_version(conn)
+    latest = MIGRATIONS[-1][0]
+    if have > latest:
+        raise RuntimeError(
+            f"database schema version {have} is newer than this Siteward ({latest}); refusing to run"
+        )
+    for number, _title, sql in MIGRATIONS:
+        if number <= have:
+            continue
+        # executescript would COMMIT implicitly; run statement by statement inside one
+        # explicit transaction so the version bump is atomic with the schema change.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _split(sql):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(number)
+    return applied
+
+
+def _split(sql: str) -> list[str]:
+    out: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
