@@ -274,6 +274,15 @@ class Database:
         self._next_id = rid
         return range(first, rid)
 
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Copy the WAL back into the database file (between transactions, on the writer thread)."""
+        assert mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+        conn = self._conn
+        assert conn is not None
+        row = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
+        return tuple(row)  # type: ignore[return-value]
+
     # -- reading ------------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         assert self._reader is not None

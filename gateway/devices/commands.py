@@ -1,0 +1,152 @@
+"""Commands to devices: sent → confirmed (by the device's status) → or timed out.
+
+Owns the ``commands`` table. A command is published on the device profile's command
+topic as ``{"id", "command", "args"}``. It is confirmed by a status message that
+carries ``"cmd_id": id`` (Siteward nodes do), or, for devices that cannot echo ids,
+by a status whose fields match what the command asked for (``expect``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from gateway.devices.registry import DeviceRegistry, UnknownDevice
+from gateway.ingest.profiles import ProfileSet
+from gateway.metrics import Metrics
+from gateway.models import Command, CommandRequest, CommandState, DeviceState
+from gateway.store.database import Database
+from gateway.store.events import EventLog
+
+log = structlog.get_logger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class CommandRefused(Exception):
+    pass
+
+
+def derive_expect(req: CommandRequest) -> dict[str, Any] | None:
+    """What status confirms a command when the device cannot echo its id."""
+    if req.expect is not None:
+        return req.expect
+    if req.command in ("relay", "set_relay", "switch") and "state" in req.args:
+        return {"relay": req.args["state"]}
+    if req.command in ("on", "off"):
+        return {"relay": req.command}
+    return None
+
+
+def _row(r: sqlite3.Row | tuple[Any, ...]) -> Command:
+    return Command(id=r[0], device=r[1], command=r[2], args=json.loads(r[3]), state=CommandState(r[4]),
+                   created_at=r[5], updated_at=r[6], result=json.loads(r[7]) if r[7] else None)
+
+
+_COLS = "id, device_id, command, args, state, created_at, updated_at, result"
+
+
+class Commander:
+    def __init__(self, db: Database, registry: DeviceRegistry, profiles: ProfileSet, events: EventLog,
+                 metrics: Metrics, publish: Publish, *, default_timeout_s: float) -> None:
+        self._db = db
+        self._registry = registry
+        self._profiles = profiles
+        self._events = events
+        self._metrics = metrics
+        self._publish = publish
+        self._timeout = default_timeout_s
+        # id -> (device, deadline, expect); commands still waiting for their confirmation
+        self._pending: dict[str, tuple[str, float, dict[str, Any] | None]] = {}
+
+    async def load(self) -> None:
+        rows = await self._db.fetchall("SELECT id, device_id, deadline, expect FROM commands WHERE state = 'sent'")
+        for r in rows:
+            self._pending[r[0]] = (r[1], r[2], json.loads(r[3]) if r[3] else None)
+
+    async def send(self, device_id: str, req: CommandRequest, actor: str) -> Command:
+        dev = await self._registry.get(device_id)
+        if dev is None:
+            raise UnknownDevice(device_id)
+        if dev.state == DeviceState.IGNORED:
+            raise CommandRefused(f"device {device_id} is ignored")
+        cid = uuid.uuid4().hex[:16]
+        now = time.time()
+        deadline = now + (req.timeout_s or self._timeout)
+        expect = derive_expect(req)
+        topic = self._profiles.command_topic(dev.profile, device_id)
+        payload = json.dumps({"id": cid, "command": req.command, "args": req.args}, separators=(",", ":"))
+        await self._db.write(lambda c: c.execute(
+            "INSERT INTO commands (id, device_id, command, args, expect, state, created_at, updated_at, deadline)"
+            " VALUES (?, ?, ?, ?, ?, 'sent', ?, ?, ?)",
+            (cid, device_id, req.command, json.dumps(req.args), json.dumps(expect) if expect else None,
+             now, now, deadline)))
+        self._pending[cid] = (device_id, deadline, expect)
+        try:
+            await self._publish(topic, payload.encode())
+        except Exception as exc:
+            await self._finish(cid, CommandState.FAILED, {"error": f"publish failed: {exc}"})
+            raise CommandRefused(f"could not publish command: {exc}") from exc
+        await self._events.record("command.sent", device_id, {"id": cid, "command": req.command,
+                                                               "args": req.args, "actor": actor})
+        cmd = await self.get(cid)
+        assert cmd is not None
+        return cmd
+
+    async def on_status(self, device_id: str, status: Any) -> None:
+        """A device reported its state: confirm whichever of its commands it answers."""
+        if not self._pending or not isinstance(status, dict):
+            return
+        cid = status.get("cmd_id")
+        if isinstance(cid, str) and cid in self._pending and self._pending[cid][0] == device_id:
+            failed = status.get("ok") is False or "error" in status
+            await self._finish(cid, CommandState.FAILED if failed else CommandState.CONFIRMED, status)
+            return
+        for pid, (dev, _, expect) in list(self._pending.items()):
+            if dev == device_id and expect and all(_same(status.get(k), v) for k, v in expect.items()):
+                await self._finish(pid, CommandState.CONFIRMED, status)
+
+    async def expire(self) -> None:
+        now = time.time()
+        for cid, (_dev, deadline, _) in list(self._pending.items()):
+            if now > deadline:
+                await self._finish(cid, CommandState.TIMED_OUT, {"error": "no confirmation before the deadline"})
+
+    async def run_timeouts(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.expire()
+
+    async def _finish(self, cid: str, state: CommandState, result: dict[str, Any]) -> None:
+        entry = self._pending.pop(cid, None)
+        if entry is None:
+            return
+        now = time.time()
+        await self._db.write(lambda c: c.execute(
+            "UPDATE commands SET state = ?, updated_at = ?, result = ? WHERE id = ?",
+            (state.value, now, json.dumps(result, default=str), cid)))
+        self._metrics.commands.labels(state=state.value).inc()
+        await self._events.record(f"command.{state.value}", entry[0], {"id": cid, "result": result})
+
+    async def get(self, command_id: str) -> Command | None:
+        r = await self._db.fetchone(f"SELECT {_COLS} FROM commands WHERE id = ?", (command_id,))
+        return _row(r) if r else None
+
+    async def list_for(self, device_id: str, limit: int = 50) -> list[Command]:
+        rows = await self._db.fetchall(
+            f"SELECT {_COLS} FROM commands WHERE device_id = ? ORDER BY created_at DESC LIMIT ?",
+            (device_id, limit))
+        return [_row(r) for r in rows]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    return bool(a == b)

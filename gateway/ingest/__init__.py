@@ -1,0 +1,1 @@
+"""Ingest: every message → profile match → validation → Readings → store and live bus."""

@@ -1,0 +1,53 @@
+"""The events table: online/offline, discoveries, commands, OTA results, alerts.
+
+Every event is stored (so the cloud sync's events lane can send it) and published on
+the live bus.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.bus import LiveBus
+from gateway.models import Event
+from gateway.store.database import Database
+
+
+class EventLog:
+    def __init__(self, db: Database, bus: LiveBus) -> None:
+        self._db = db
+        self._bus = bus
+
+    async def record(self, kind: str, device: str | None = None, data: dict[str, Any] | None = None,
+                     ts: float | None = None) -> int:
+        ts = time.time() if ts is None else ts
+        body = json.dumps(data or {}, separators=(",", ":"), default=str)
+        eid = await self._db.write(
+            lambda c: c.execute("INSERT INTO events (ts, device_id, kind, data) VALUES (?, ?, ?, ?)",
+                                (ts, device, kind, body)).lastrowid
+        )
+        self._bus.publish({"type": "event", "id": eid, "ts": ts, "device": device, "kind": kind,
+                           "data": data or {}})
+        return int(eid or 0)
+
+    async def query(self, device: str | None = None, kind: str | None = None, since: float | None = None,
+                    limit: int = 200) -> list[Event]:
+        where, params = [], []
+        if device is not None:
+            where.append("device_id = ?")
+            params.append(device)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        sql = "SELECT id, ts, device_id, kind, data FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        rows = await self._db.fetchall(sql, params)
+        return [Event(id=r[0], ts=r[1], device=r[2], kind=r[3], data=json.loads(r[4])) for r in rows]

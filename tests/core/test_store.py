@@ -1,0 +1,146 @@
+"""The store: group commit, ids that are never reused, migrations, retention, quota, clock fix."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.metrics import Metrics
+from gateway.models import Reading, TimeFlag
+from gateway.store.database import Database
+from gateway.store.migrations import MIGRATIONS, current_version
+from gateway.store.readings import Maintenance, Outbox, ReadingsQuery
+
+
+def r(device: str = "n1", metric: str = "temperature", value: float = 1.0, ts: float | None = None,
+      flags: int = 0) -> Reading:
+    return Reading(device=device, metric=metric, value=value, unit="°C", ts=ts or time.time(), flags=flags)
+
+
+@pytest.fixture
+async def db(tmp_path: Path):
+    d = Database(tmp_path / "s.db", Metrics(), commit_interval_ms=5)
+    await d.open()
+    yield d
+    await d.close()
+
+
+async def test_concurrent_writes_share_commits_and_get_consecutive_ids(db: Database) -> None:
+    results = await asyncio.gather(*(db.add_readings([r(value=i), r(metric="humidity", value=i)])
+                                     for i in range(500)))
+    ids = [i for rng in results for i in rng]
+    assert ids == list(range(1, 1001))
+    assert db.commits < 50  # 500 writers, far fewer fsyncs
+    rows = await db.fetchall("SELECT count(*) FROM readings")
+    assert rows[0][0] == 1000
+
+
+async def test_a_failing_write_does_not_take_the_batch_down(db: Database) -> None:
+    good = db.add_readings([r()])
+    bad = db.write(lambda c: c.execute("INSERT INTO no_such_table VALUES (1)"))
+    res = await asyncio.gather(good, bad, return_exceptions=True)
+    assert list(res[0]) == [1]
+    assert isinstance(res[1], sqlite3.OperationalError)
+
+
+async def test_close_commits_everything_acknowledged(tmp_path: Path) -> None:
+    d = Database(tmp_path / "c.db", Metrics(), commit_interval_ms=200)
+    await d.open()
+    pending = [asyncio.ensure_future(d.add_readings([r(value=i)])) for i in range(50)]
+    await asyncio.sleep(0)
+    await d.close()
+    assert all(p.done() and not p.exception() for p in pending)
+    conn = sqlite3.connect(tmp_path / "c.db")
+    assert conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 50
+
+
+async def test_ids_are_never_reused_after_deleting_the_newest(tmp_path: Path) -> None:
+    path = tmp_path / "ids.db"
+    d = Database(path, Metrics())
+    await d.open()
+    await d.add_readings([r() for _ in range(10)])
+    await d.write(lambda c: c.execute("DELETE FROM readings"))
+    await d.close()
+    d = Database(path, Metrics())
+    await d.open()
+    assert list(await d.add_readings([r()])) == [11]
+    await d.close()
+
+
+async def test_reopening_applies_pending_migrations_and_keeps_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    d = Database(path, Metrics())
+    assert await d.open() == [m[0] for m in MIGRATIONS]
+    await d.add_readings([r(value=42.0)])
+    await d.close()
+    d = Database(path, Metrics())
+    assert await d.open() == []  # nothing pending the second time
+    rows = await ReadingsQuery(d).history("n1")
+    assert [x.value for x in rows] == [42.0]
+    await d.close()
+    assert current_version(sqlite3.connect(path)) == MIGRATIONS[-1][0]
+
+
+async def test_refuses_a_database_from_a_newer_siteward(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    sqlite3.connect(path).execute("PRAGMA user_version = 999")
+    d = Database(path, Metrics())
+    with pytest.raises(RuntimeError, match="newer"):
+        await d.open()
+
+
+async def test_history_filters_by_metric_and_time(db: Database) -> None:
+    now = time.time()
+    await db.add_readings([r(value=i, ts=now - 100 + i) for i in range(100)]
+                          + [r(metric="humidity", value=5, ts=now)])
+    q = ReadingsQuery(db)
+    rows = await q.history("n1", "temperature", since=now - 50, until=now - 41)
+    assert [x.value for x in rows] == [float(v) for v in range(59, 49, -1)]
+    assert await q.metrics_of("n1") == ["humidity", "temperature"]
+
+
+async def test_retention_deletes_only_synced_and_old(db: Database) -> None:
+    old = time.time() - 40 * 86400
+    await db.add_readings([r(ts=old) for _ in range(10)] + [r() for _ in range(5)])
+    out = Outbox(db)
+    await out.register("cloud")
+    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 6 WHERE name = 'cloud'"))
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    assert (await m.run_once())["retention_deleted"] == 6  # old rows 7..10 are not synced yet: kept
+    assert (await db.fetchone("SELECT min(id), count(*) FROM readings"))[:] == (7, 9)
+
+
+async def test_quota_drop_oldest_counts_every_drop_persistently(db: Database) -> None:
+    await db.add_readings([r(value=i) for i in range(30_000)])
+    metrics = Metrics()
+    m = Maintenance(db, metrics, retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
+    res = await m.run_once()
+    assert res["quota_dropped"] == 20_000
+    assert (await db.fetchone("SELECT min(id) FROM readings"))[0] == 20_001
+    m2 = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    await m2.load()
+    assert m2.dropped_total == 20_000
+    assert b'siteward_dropped_total{policy="quota_drop_oldest"} 20000.0' in metrics.render()
+
+
+async def test_quota_refuse_new_keeps_what_is_stored(db: Database) -> None:
+    await db.add_readings([r(value=i) for i in range(5000)])
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="refuse_new")
+    await m.run_once()
+    assert m.refusing
+    assert (await db.fetchone("SELECT count(*) FROM readings"))[0] == 5000
+
+
+async def test_clock_correction_shifts_only_unsynced_gateway_stamped_readings(db: Database) -> None:
+    unsynced = int(TimeFlag.CLOCK_UNSYNCED)
+    await db.add_readings([r(ts=1000.0, flags=unsynced), r(ts=2000.0, flags=0),
+                           r(ts=3000.0, flags=int(TimeFlag.NODE_TS))])
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    assert await m.correct_clock(3600.0, from_id=1) == 1
+    rows = await db.fetchall("SELECT ts, flags FROM readings ORDER BY id")
+    assert [tuple(x) for x in rows] == [(4600.0, unsynced | int(TimeFlag.CORRECTED)), (2000.0, 0),
+                                        (3000.0, int(TimeFlag.NODE_TS))]
