@@ -52,6 +52,12 @@ class BrokerHooks(Protocol):
         carried is committed. Raising means "not stored": the broker sends no PUBACK so
         the client redelivers. Rejections of bad content are counted and swallowed by
         the hook itself (the message is then acknowledged: retrying cannot fix it).
+
+        Concurrency and order: the broker starts the calls for one connection in arrival
+        order, each before it reads the next packet, and lets up to ``max_inbound_inflight``
+        of them await at once (that is what lets a group commit batch them). An
+        implementation that needs per-client order (the store does) must therefore take its
+        place in line (e.g. enqueue to the writer) before its first ``await``.
         """
 
     def on_rejected(self, principal: Principal | None, client_id: str, reason: str, detail: str) -> None:
