@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import structlog
 
 from gateway.logs import configure_logging
+from gateway.models import DEVICE_ID_PATTERN
 from gateway.settings import ConfigError, Settings, load_settings
 
 log = structlog.get_logger("siteward")
@@ -119,25 +121,24 @@ def cmd_device(args: argparse.Namespace) -> int:
                 print(f"siteward: unknown profile(s) {', '.join(bad)}; known: {', '.join(sorted(known))}",
                       file=sys.stderr)
                 return 2
-            from gateway.models import DEVICE_ID_PATTERN
-
-            import re
-
             if not re.match(DEVICE_ID_PATTERN, args.id):
                 print(f"siteward: device id {args.id!r} is not allowed (letters, digits, _ . : -; max 64)",
                       file=sys.stderr)
                 return 2
             secret = await creds.mint(args.id, tuple(args.profile))
-            import json
-            import time
+            from gateway.audit import Audit
+            from gateway.bus import LiveBus
+            from gateway.devices.registry import DeviceRegistry
+            from gateway.metrics import Metrics
+            from gateway.store.events import EventLog
 
-            profile = args.profile[0]
-            await db.write(lambda c: c.execute(
-                "INSERT INTO devices (id, profile, state, created_at) VALUES (?, ?, 'adopted', ?)"
-                " ON CONFLICT(id) DO UPDATE SET state='adopted'", (args.id, profile, time.time())))
-            await db.write(lambda c: c.execute(
-                "INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, 'cli', 'device.credentials_minted', ?, ?)",
-                (time.time(), args.id, json.dumps({"profiles": args.profile}))))
+            bus = LiveBus()
+            registry = DeviceRegistry(db, EventLog(db, bus), bus, Metrics(),
+                                      require_adoption=settings.devices.require_adoption,
+                                      offline_after_s=settings.devices.offline_after_s)
+            await registry.load()
+            await registry.ensure(args.id, profile=args.profile[0])
+            await Audit(db).record("cli", "device.credentials_minted", args.id, {"profiles": args.profile})
             print(f"device:   {args.id}\nusername: {args.id}\npassword: {secret}\n"
                   f"(shown once; store it in the node's configuration)")
             return 0

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "SITEWARD_"
 CONFIG_ENV = "SITEWARD_CONFIG"
-_toml_data: ContextVar[dict[str, Any]] = ContextVar("siteward_toml", default={})
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("siteward_toml", default=None)
 
 
 class _Section(BaseModel):
@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlSource(settings_cls, _toml_data.get()))
+        return (init_settings, env_settings, _TomlSource(settings_cls, _toml_data.get() or {}))
 
     # -- derived paths -------------------------------------------------------------------
     @property

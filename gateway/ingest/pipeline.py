@@ -25,10 +25,10 @@ from gateway.ingest.profiles import Parsed, ProfileSet
 from gateway.logs import BurstLogger
 from gateway.metrics import Metrics
 from gateway.models import Reading, Source, TimeFlag
+from gateway.settings import TimeSection
 from gateway.store.database import Database
 from gateway.store.events import EventLog
 from gateway.store.readings import Maintenance
-from gateway.settings import TimeSection
 
 log = structlog.get_logger(__name__)
 

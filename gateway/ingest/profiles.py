@@ -314,7 +314,7 @@ def _parse_ts(v: Any) -> float:
     return f / 1000.0 if f > 1e11 else f
 
 
-def _match_levels(pattern: tuple[str, ...], parts: list[str]) -> str | None | bool:
+def _match_levels(pattern: tuple[str, ...], parts: list[str]) -> str | bool | None:
     """Return the {device} level (or None when there is none) on match, False otherwise."""
     dev: str | None = None
     n = len(parts)

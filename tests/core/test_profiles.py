@@ -102,5 +102,5 @@ def test_a_site_adds_a_profile_without_code(tmp_path: Path) -> None:
 
 def test_a_bad_profile_file_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text('name = "bad"\n[[routes]]\ntopic = "x/{dev}/y"\n')
-    with pytest.raises(ValueError, match="routes.0.topic"):
+    with pytest.raises(ValueError, match=r"routes\.0\.topic"):
         load_profiles([tmp_path])

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Quick start, command 2: install what the tests need and run the whole suite.
+source "$(dirname "$0")/_env.sh"
+apt_install mosquitto sqlite3 ca-certificates
+ensure_venv test
+cd "$ROOT"
+"$VENV/bin/ruff" check .
+set +e
+"$VENV/bin/python" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here" >&2
+    exit 1
+fi
+exit "$rc"
