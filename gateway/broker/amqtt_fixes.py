@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Hashable
 from dataclasses import dataclass
 from functools import partial
 from types import CoroutineType
@@ -341,38 +341,44 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
             self._ka_handle.cancel()
         if self._reader_task is not None and not self._reader_task.done():
             self._reader_task.cancel()
-        # Let what the client already sent finish storing: its PUBACKs may still reach it,
-        # and the will and on_disconnect must come after the client's last message.
-        pending = [e.task for e in self._inq if e.task is not None and not e.task.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=TEARDOWN_TIMEOUT_S)
-        self._flush()
-        if self._writer_task is not None:
-            self._writer_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._writer_task
-        if self._retry_handle is not None:
-            self._retry_handle.cancel()
-        self.closed = True
-        transport = self._transport
-        if self.close_reason in _ABORT_REASONS or transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
-            transport.abort()
-        else:
-            transport.close()  # sends what is buffered (last acknowledgements) first
         broker = self.broker
-        broker.connection_closed(self)
-        abnormal = not self.clean_disconnect and self.close_reason not in ("takeover", "shutdown")
-        if abnormal and self.will is not None:
-            try:
-                await asyncio.wait_for(broker.publish_will(self), TEARDOWN_TIMEOUT_S)
-            except Exception as exc:
-                log.warning("will not published", client_id=self.client_id, error=repr(exc))
         try:
-            await asyncio.wait_for(broker.client_disconnected(self, clean=not abnormal), TEARDOWN_TIMEOUT_S)
-        except Exception as exc:
-            log.warning("on_disconnect failed", client_id=self.client_id, error=repr(exc))
-        if not self.done.done():
-            self.done.set_result(None)
+            try:
+                # Let what the client already sent finish storing: its PUBACKs may still reach
+                # it, and the will and on_disconnect must come after the client's last message.
+                pending = [e.task for e in self._inq if e.task is not None and not e.task.done()]
+                if pending:
+                    await asyncio.wait(pending, timeout=TEARDOWN_TIMEOUT_S)
+                self._flush()
+                if self._writer_task is not None:
+                    self._writer_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await self._writer_task
+            finally:
+                # even if the teardown itself is cancelled, the session must not stay attached
+                # to a dead connection
+                if self._retry_handle is not None:
+                    self._retry_handle.cancel()
+                self.closed = True
+                transport = self._transport
+                if self.close_reason in _ABORT_REASONS or transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
+                    transport.abort()
+                else:
+                    transport.close()  # sends what is buffered (last acknowledgements) first
+                broker.connection_closed(self)
+            abnormal = not self.clean_disconnect and self.close_reason not in ("takeover", "shutdown")
+            if abnormal and self.will is not None:
+                try:
+                    await asyncio.wait_for(broker.publish_will(self), TEARDOWN_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("will not published", client_id=self.client_id, error=repr(exc))
+            try:
+                await asyncio.wait_for(broker.client_disconnected(self, clean=not abnormal), TEARDOWN_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("on_disconnect failed", client_id=self.client_id, error=repr(exc))
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
 
     # ------------------------------------------------------------------ keepalive
     def _arm_keepalive(self) -> None:
@@ -974,6 +980,7 @@ class HardenedBroker(Broker):
             # only MQTT 3.1.1; answer known older/newer protocols properly [MQTT-3.1.2-2]
             if vh.proto_name in ("MQTT", "MQIsdp"):
                 await self._refuse(writer, wire.CONNACK_BAD_PROTOCOL)
+                self.refused(None, pl.client_id or "", "protocol", f"protocol level {vh.proto_level}")
                 return None
             raise wire.ProtocolViolation("not MQTT")
         if vh.reserved_flag:
@@ -1068,7 +1075,8 @@ class HardenedBroker(Broker):
         writer.close()
 
     @contextlib.asynccontextmanager
-    async def _client_lock(self, client_id: str):  # type: ignore[no-untyped-def]
+    async def _client_lock(self, client_id: str) -> AsyncIterator[None]:
+        """Serialises session installs per client id (two CONNECTs racing for one id)."""
         entry = self._cid_locks.get(client_id)
         if entry is None:
             entry = self._cid_locks[client_id] = (asyncio.Lock(), [0])
