@@ -24,7 +24,7 @@ from gateway.ingest.errors import Rejected
 from gateway.ingest.profiles import Parsed, ProfileSet
 from gateway.logs import BurstLogger
 from gateway.metrics import Metrics
-from gateway.models import Reading, Source, TimeFlag
+from gateway.models import Device, Reading, Source, TimeFlag
 from gateway.settings import TimeSection
 from gateway.store.database import Database
 from gateway.store.events import EventLog
@@ -123,11 +123,22 @@ class Ingest:
         dev = await self.registry.observe(p.device, profile=p.profile, kind=kind, via=p.via)
         if p.attributes:
             await self.registry.apply_attributes(p.device, p.attributes)
-        if p.kind == "status":
-            await self._status(p)
-        elif p.kind == "ota_status":
+        if p.kind == "ota_status":
             await self.events.record("ota.status", p.device, p.raw or {})
             return []
+        ids: list[int] = []
+        if p.kind == "status":
+            # the state a status reports is stored first, so whoever sees the command
+            # confirmed also sees the new state; a refused value must not hide the status
+            try:
+                ids = await self._store(p, dev, source)
+            except Rejected as r:
+                self.reject(r, device=p.device, topic="status")
+            await self._status(p)
+            return ids
+        return await self._store(p, dev, source)
+
+    async def _store(self, p: Parsed, dev: Device, source: Source) -> list[int]:
         if not p.values:
             return []
         ts, flags = self.timekeeper.stamp(p.node_ts)
