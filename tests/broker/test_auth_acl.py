@@ -5,9 +5,10 @@ from __future__ import annotations
 import aiomqtt
 import pytest
 
-from gateway.broker import EmbeddedBroker, Principal
+from gateway.broker import EmbeddedBroker, Principal, amqtt_fixes
 from tests.broker.conftest import BrokerFactory, RecordingHooks, until
 from tests.broker.rawmqtt import (
+    CONNACK,
     PUBACK,
     PUBCOMP,
     PUBLISH,
@@ -15,6 +16,7 @@ from tests.broker.rawmqtt import (
     PUBREL,
     RawClient,
     ack_packet,
+    connect_packet,
     publish_packet,
 )
 
@@ -177,3 +179,24 @@ async def test_aiomqtt_device_round_trip(broker: EmbeddedBroker, hooks: Recordin
     with pytest.raises(aiomqtt.MqttError):
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="n1", username="n1", password="no"):
             pass
+
+
+async def test_other_protocol_versions_get_code_1(broker: EmbeddedBroker, hooks: RecordingHooks) -> None:
+    for level in (3, 5):
+        c = await RawClient.open(broker.port)
+        raw = bytearray(connect_packet(f"v{level}"))
+        raw[8] = level  # the protocol level byte follows the length-prefixed "MQTT"
+        c.send(bytes(raw))
+        ack = await c.expect(CONNACK)
+        assert ack.body[1] == 1
+        assert await c.closed_by_peer()
+    assert hooks.connects == []
+
+
+async def test_silent_tcp_connection_closed_without_connect(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(amqtt_fixes, "CONNECT_TIMEOUT_S", 0.3)
+    c = await RawClient.open(broker.port)  # port scanners and half-open sockets send nothing
+    assert await c.closed_by_peer(within=5)
+    assert broker.stats()["connected_clients"] == 0
