@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from gateway.broker import EmbeddedBroker
+from gateway.broker.external import ExternalBroker, subscription_filters
 from gateway.bus import LiveBus
 from gateway.clock import Clock, ClockMonitor, FixedClock, KernelClock
 from gateway.devices.access import DeviceAccess
@@ -78,7 +79,7 @@ class Gateway:
         self.supervisor = Supervisor(self.metrics)
         self.health = Health(self)
         self.ca = GatewayCA(settings.data_dir / "tls", settings.gateway.id)
-        self.broker: EmbeddedBroker | None = None
+        self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.audit: Any = None
         self.setup_code: str | None = None
         self.web_port: int | None = None
@@ -113,8 +114,13 @@ class Gateway:
         if st.broker.tls_port is not None or st.web.tls:
             await asyncio.to_thread(self.ca.ensure)
             ssl_ctx = self.ca.server_context()
-        self.broker = EmbeddedBroker(st.broker, self.access,
-                                     ssl_context=ssl_ctx if st.broker.tls_port is not None else None)
+        if st.broker.mode == "external":
+            topics = [r.topic for p in self.profiles.profiles.values() for r in p.routes]
+            self.broker = ExternalBroker(st.broker, self.access, subscription_filters(topics),
+                                         client_id=f"siteward-{st.gateway.id}")
+        else:
+            self.broker = EmbeddedBroker(st.broker, self.access,
+                                         ssl_context=ssl_ctx if st.broker.tls_port is not None else None)
         await self.broker.start()
         self.credentials.on_revoke = self.broker.disconnect_client
 

@@ -10,6 +10,9 @@ import pytest
 
 from gateway.settings import Settings, load_settings
 
+# real brokers for any test that asks for them (mosquitto on a free loopback port)
+pytest_plugins = ["tests.fixtures.mqtt_brokers"]
+
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
