@@ -22,7 +22,7 @@ _TIME_ERROR = 5  # adjtimex() return value while the kernel considers the clock 
 
 
 class _Timex(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes layout of struct timex (linux/timex.h)
+    _fields_ = [  # ctypes layout of struct timex (linux/timex.h)
         ("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
         ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
         ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),

@@ -83,6 +83,13 @@ class DeviceRegistry:
             return False
         return not (self.require_adoption and device.state == DeviceState.DISCOVERED)
 
+    def would_accept_readings(self, device_id: str) -> bool:
+        """Decided without I/O: a device not yet registered gets the default state."""
+        dev = self._devices.get(device_id)
+        if dev is None:
+            return not self.require_adoption
+        return self.accepts_readings(dev)
+
     # -- what ingest tells us ---------------------------------------------------------------
     async def observe(self, device_id: str, *, profile: str, kind: str = "node", via: str | None = None,
                       ts: float | None = None) -> Device:

@@ -11,6 +11,7 @@ that no acknowledgement is sent.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -24,7 +25,7 @@ from gateway.ingest.errors import Rejected
 from gateway.ingest.profiles import Parsed, ProfileSet
 from gateway.logs import BurstLogger
 from gateway.metrics import Metrics
-from gateway.models import Device, Reading, Source, TimeFlag
+from gateway.models import Reading, Source, TimeFlag
 from gateway.settings import TimeSection
 from gateway.store.database import Database
 from gateway.store.events import EventLog
@@ -120,31 +121,47 @@ class Ingest:
 
     # -- the path -----------------------------------------------------------------------------
     async def _accept(self, p: Parsed, source: Source, kind: str = "node") -> list[int]:
-        dev = await self.registry.observe(p.device, profile=p.profile, kind=kind, via=p.via)
+        # Readings are put in the store's queue before the first await, so a device's
+        # messages are committed (and numbered, and sent to the cloud) in arrival order
+        # even when registering a new device makes this message wait.
+        pending: tuple[asyncio.Future[range], list[Reading]] | None = None
+        refused: Rejected | None = None
+        if p.values and p.kind != "ota_status":
+            try:
+                pending = self._enqueue(p, source)
+            except Rejected as r:
+                refused = r
+        await self.registry.observe(p.device, profile=p.profile, kind=kind, via=p.via)
         if p.attributes:
             await self.registry.apply_attributes(p.device, p.attributes)
         if p.kind == "ota_status":
             await self.events.record("ota.status", p.device, p.raw or {})
             return []
         ids: list[int] = []
+        if pending is not None:
+            fut, readings = pending
+            ids = list(await fut)
+            self.registry.note_values(p.device, p.values, readings[0].ts)
+            if self.bus.subscriber_count:
+                self.bus.publish_many([
+                    {"type": "reading", "id": rid, "device": r.device, "metric": r.metric, "value": r.value,
+                     "unit": r.unit, "ts": r.ts, "flags": r.flags}
+                    for rid, r in zip(ids, readings, strict=True)])
         if p.kind == "status":
-            # the state a status reports is stored first, so whoever sees the command
-            # confirmed also sees the new state; a refused value must not hide the status
-            try:
-                ids = await self._store(p, dev, source)
-            except Rejected as r:
-                self.reject(r, device=p.device, topic="status")
+            # the state is stored first, so whoever sees the command confirmed also sees the
+            # new state; a refused value must not hide the status itself
+            if refused is not None:
+                self.reject(refused, device=p.device, topic="status")
             await self._status(p)
-            return ids
-        return await self._store(p, dev, source)
+        elif refused is not None:
+            raise refused
+        return ids
 
-    async def _store(self, p: Parsed, dev: Device, source: Source) -> list[int]:
-        if not p.values:
-            return []
+    def _enqueue(self, p: Parsed, source: Source) -> tuple[asyncio.Future[range], list[Reading]]:
         ts, flags = self.timekeeper.stamp(p.node_ts)
-        if not self.registry.accepts_readings(dev):
+        if not self.registry.would_accept_readings(p.device):
             self.registry.note_values(p.device, p.values, ts)
-            raise Rejected("not_adopted", f"device {p.device} is {dev.state.value}; readings are not stored")
+            raise Rejected("not_adopted", f"device {p.device} is not adopted; readings are not stored")
         if self.maintenance.refusing:
             self.metrics.dropped.labels(policy="quota_refuse_new").inc(len(p.values))
             raise Rejected("store_full", "store quota reached; policy refuses new readings")
@@ -154,14 +171,7 @@ class Ingest:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise Rejected("invalid", f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        ids = await self.db.add_readings(readings)
-        self.registry.note_values(p.device, p.values, ts)
-        if self.bus.subscriber_count:
-            self.bus.publish_many([
-                {"type": "reading", "id": rid, "device": r.device, "metric": r.metric, "value": r.value,
-                 "unit": r.unit, "ts": r.ts, "flags": r.flags}
-                for rid, r in zip(ids, readings, strict=True)])
-        return list(ids)
+        return self.db.submit_readings(readings), readings
 
     async def _status(self, p: Parsed) -> None:
         st = p.status

@@ -138,7 +138,19 @@ class Database:
         """Queue readings for the next group commit; returns their ids once durable."""
         if not readings:
             return range(0)
-        return await self._submit(_READINGS, readings=readings)
+        return await self.submit_readings(readings)
+
+    def submit_readings(self, readings: Sequence[Reading]) -> asyncio.Future[range]:
+        """Queue readings *now* (no await before they are in line) and return the commit future.
+
+        Callers that must keep per-device order across their own awaits enqueue first and
+        await later: ids, and so the cloud's order, follow the order of these calls.
+        """
+        if self._closed:
+            raise StoreClosed("store is closed")
+        fut: asyncio.Future[range] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Op(_READINGS, fut, readings=readings))
+        return fut
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on the writer thread inside the next group commit.

@@ -235,3 +235,18 @@ async def test_smartplug_commands_use_the_profile_command_topic(gateway) -> None
         await plug.publish("smartplug/plug-9/status", b'{"relay": "off"}', qos=1)
     done = await eventually(lambda: gateway.commander.get(cmd.id), lambda c: c.state != "sent")
     assert done.state == "confirmed"  # by matching the expected state: the plug cannot echo ids
+
+
+async def test_a_new_devices_pipelined_messages_are_stored_in_arrival_order(gateway) -> None:
+    pw = await gateway.credentials.mint("fresh-1")
+    raw = await RawClient.connect(gateway.broker.port, "fresh-1", username="fresh-1", password=pw)
+    # 50 in flight at once, the first of them registering the device
+    for i in range(1, 51):
+        raw.send(publish_packet("devices/fresh-1/telemetry", json.dumps({"counter": i}).encode(), qos=1, pid=i))
+    acks = [(await raw.expect_any()).pid for _ in range(50)]
+    raw.disconnect()
+    assert acks == list(range(1, 51))  # acknowledged in order
+    rows = await gateway.db.fetchall(
+        "SELECT r.value FROM readings r JOIN series s ON s.id = r.series_id"
+        " WHERE s.device_id = 'fresh-1' ORDER BY r.id")
+    assert [int(v) for (v,) in rows] == list(range(1, 51))  # ids follow arrival order
