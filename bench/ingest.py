@@ -11,7 +11,6 @@ means. The last line of output is one JSON object.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import multiprocessing as mp
@@ -69,8 +68,9 @@ class Plan:
     sweep_s: float = 10.0
     sweep_ms: list[float] = field(
         default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0])
-    commit_interval_ms: float = 20.0
+    commit_interval_ms: float | None = None  # None: the default of the code under test
     amqtt_uvloop: bool = True
+    source: str = "worktree"
     # below mosquitto's default max_queued_messages (1000) + max_inflight_messages (20),
     # so a gated run never makes it drop
     gate_limit: int = 800
@@ -164,9 +164,11 @@ class Server:
     """A broker under test, in its own process, stopped by SIGTERM then SIGKILL."""
 
     def __init__(self, name: str, argv: list[str], port: int, log_file: Path,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 also_wait: tuple[int, ...] = ()) -> None:
         self.name = name
         self.port = port
+        self.also_wait = also_wait
         self.log_file = log_file
         self._log = open(log_file, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
@@ -174,7 +176,16 @@ class Server:
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        wait_port(self.port, self.proc, timeout, self.log_file)
+        for port in (self.port, *self.also_wait):
+            wait_port(port, self.proc, timeout, self.log_file)
+        # a server can open its MQTT port and then die starting a later part (seen: the
+        # web app failing to import while the tree was being edited)
+        time.sleep(0.5)
+        self.check()
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}{_tail(self.log_file)}")
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -374,10 +385,59 @@ def amqtt_server(work: Path, uvloop: bool = False) -> Server:
     if uvloop:
         argv.append("--uvloop")
     name = "amqtt-uvloop" if uvloop else "amqtt"
-    return Server(name, argv, port, work / f"{name}.log", cwd=Path(__file__).resolve().parent.parent)
+    return Server(name, argv, port, work / f"{name}.log", cwd=REPO)
 
 
 # -- Siteward ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                          check=False).stdout.strip()
+
+
+def _compile(src: Path) -> Path:
+    # Byte-compile as an install would: compiling on first import costs the gateway process
+    # several MB of heap that stays in its RSS, which a deployed gateway does not pay.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=False,
+                   stdout=subprocess.DEVNULL)
+    return src
+
+
+def snapshot_source(work: Path, source: str) -> tuple[Path, str]:
+    """Copy the gateway's packages so every gateway start in this run uses the same code.
+
+    Other people edit the tree while a run lasts minutes; without a snapshot one sweep
+    point could measure different code than the next (or a half-written module).
+    ``source`` is "worktree" (the files as they are now) or a git revision.
+    """
+    src = work / "src"
+    src.mkdir(parents=True)
+    pkgs = [p for p in ("gateway", "cloud_sync", "firmware") if (REPO / p).is_dir()]
+    if source == "worktree":
+        for pkg in pkgs:
+            shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        dirty = _git("status", "--porcelain", "--", *pkgs)
+        label = _git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
+        return _compile(src), label
+    rev = _git("rev-parse", "--short", source)
+    if not rev:
+        raise RuntimeError(f"unknown git revision {source!r}")
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev, "--", *pkgs],
+                         capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+    return _compile(src), rev
+
+
+def _src_env(src: Path) -> dict[str, str]:
+    # cwd = src puts the snapshot first on sys.path; REPO after it only provides bench
+    env = dict(os.environ)
+    env.pop("SITEWARD_CONFIG", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
 
 @dataclass
 class Site:
@@ -386,41 +446,24 @@ class Site:
     work: Path
     data: Path
     creds: list[tuple[str, str | None, str | None]]
+    src: Path  # source snapshot the gateway runs from
+    default_commit_interval_ms: float
 
     @property
     def db(self) -> Path:
         return self.data / "siteward.db"
 
 
-def make_site(work: Path, n_devices: int) -> Site:
+def make_site(work: Path, src: Path, n_devices: int) -> Site:
     """Mint per-device credentials with the project's own code path, before the gateway runs."""
-    import logging
-
-    import structlog
-
-    from gateway.devices.credentials import Credentials
-    from gateway.metrics import Metrics
-    from gateway.store.database import Database
-
-    # the store logs its migration at INFO; only the benchmark's own lines belong on stdout
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     data = work / "siteward-data"
-    data.mkdir(parents=True, exist_ok=True)
-
-    async def mint() -> list[tuple[str, str | None, str | None]]:
-        db = Database(data / "siteward.db", Metrics())
-        await db.open()
-        try:
-            creds = Credentials(db)
-            await creds.load()
-            ids = [f"bench-{i:03d}" for i in range(n_devices)]
-            secrets_ = await asyncio.gather(*(creds.mint(d) for d in ids))
-            # client id = username = device id: the ACL ties the session to the device
-            return [(d, d, s) for d, s in zip(ids, secrets_, strict=True)]
-        finally:
-            await db.close()
-
-    return Site(work, data, asyncio.run(mint()))
+    proc = subprocess.run([sys.executable, "-m", "bench.isolated", "bench.mint", str(data), str(n_devices)],
+                          cwd=src, env=_src_env(src), capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"minting credentials with the code under test failed:\n{proc.stderr[-2000:]}")
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    creds = [(c[0], c[1], c[2]) for c in answer["creds"]]
+    return Site(work, data, creds, src, float(answer["commit_interval_ms"]))
 
 
 def siteward_server(site: Site, commit_interval_ms: float, tag: str) -> tuple[Server, int]:
@@ -448,11 +491,10 @@ def siteward_server(site: Site, commit_interval_ms: float, tag: str) -> tuple[Se
         'level = "warning"\n'
         'format = "json"\n'
     )
-    argv = [sys.executable, "-m", "gateway.cli", "--config", str(cfg), "gateway"]
-    env = dict(os.environ)
-    env.pop("SITEWARD_CONFIG", None)
-    srv = Server(f"siteward-{tag}", argv, port, site.work / f"siteward-{tag}.log", env=env,
-                 cwd=Path(__file__).resolve().parent.parent)
+    argv = [sys.executable, "-m", "bench.isolated", "gateway.cli", "--config", str(cfg), "gateway"]
+    # the web app starts last: when it answers, everything before it has started too
+    srv = Server(f"siteward-{tag}", argv, port, site.work / f"siteward-{tag}.log", env=_src_env(site.src),
+                 cwd=site.src, also_wait=(web_port,))
     return srv, web_port
 
 
@@ -538,6 +580,7 @@ def siteward_idle_rss(server: Server, site: Site, plan: Plan, out: Out) -> dict[
     spec = PublisherSpec(HOST, server.port, site.creds[:plan.idle_clients], "idle", hold_s=3.0)
     res = _drive(spec, on_mark, 120)
     if res["clients"] < plan.idle_clients:
+        server.check()
         raise RuntimeError(f"only {res['clients']} of {plan.idle_clients} idle clients connected")
     r = {"rss_mb_before_clients": rss_before, "rss_mb_200_clients": at["rss_kb"] / 1024,
          "vmhwm_mb": at["hwm_kb"] / 1024, "clients": res["clients"], "connect_s": res["connect_s"]}
@@ -563,6 +606,7 @@ def siteward_full(server: Server, site: Site, web_port: int, plan: Plan, out: Ou
     if spy is not None:
         finish_py_spy(spy, out)
     if pub["clients"] < plan.clients:
+        server.check()
         raise RuntimeError(f"only {pub['clients']} of {plan.clients} clients connected to Siteward")
     g = marks.delta()
     r = {
@@ -593,6 +637,7 @@ def siteward_paced(server: Server, site: Site, web_port: int, plan: Plan, out: O
                          rate=plan.rate, warmup_s=warmup_s, duration_s=duration_s)
     pub = _drive(spec, marks, warmup_s + duration_s + 120)
     if pub["clients"] < plan.clients:
+        server.check()
         raise RuntimeError(f"only {pub['clients']} of {plan.clients} clients connected to Siteward")
     g = marks.delta()
     commits = g["metrics_delta"].get("siteward_commit_seconds_count")
@@ -654,8 +699,14 @@ def _round(v: Any, nd: int = 2) -> Any:
     return v
 
 
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
 def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]:
     t_all = time.monotonic()
+    load_start = loadavg()
     durations: dict[str, float] = {}
     res: dict[str, Any] = {}
 
@@ -666,16 +717,22 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
         finally:
             durations[name] = durations.get(name, 0.0) + time.monotonic() - t
 
+    out(f"load average {load_start[0]:.1f} on {os.cpu_count()} CPUs")
     out(f"work dir {work} ({fs_type(work)}); {plan.clients} clients, window {plan.window}, "
         f"QoS 1, {METRICS_PER_MSG} metrics/message; full speed {plan.full_warmup_s:g}+{plan.full_s:g}s "
         f"x{plan.rounds} rounds")
 
+    src, res["source"] = snapshot_source(work, plan.source)
+    out(f"gateway source: {res['source']} (snapshot in {src})")
     out("minting device credentials")
-    site = timed("mint_credentials", lambda: make_site(work, max(plan.clients, plan.idle_clients)))
+    site = timed("mint_credentials", lambda: make_site(work, src, max(plan.clients, plan.idle_clients)))
+    commit_ms = plan.commit_interval_ms
+    if commit_ms is None:
+        commit_ms = plan.commit_interval_ms = site.default_commit_interval_ms
 
-    out(f"siteward: starting gateway (commit_interval_ms={plan.commit_interval_ms:g}, per-device rate "
+    out(f"siteward: starting gateway (commit_interval_ms={commit_ms:g}, per-device rate "
         f"limit raised to {BENCH_RATE_LIMIT:g}/s so it cannot throttle)")
-    gw, web_port = siteward_server(site, plan.commit_interval_ms, "main")
+    gw, web_port = siteward_server(site, commit_ms, "main")
     rounds: list[dict[str, Any]] = []
     with running(gw):
         out(f"siteward: RSS with {plan.idle_clients} idle connected clients")
@@ -773,6 +830,7 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
                            "rss_mb_at_start")}
         for s in sweep
     ]
+    summary["gateway_source"] = res["source"]
     summary["setup"] = {
         "clients": plan.clients, "idle_clients": plan.idle_clients, "window_per_client": plan.window,
         "qos": 1, "metrics_per_message": METRICS_PER_MSG, "rounds": plan.rounds,
@@ -783,6 +841,8 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
                      "variant: max_inflight_messages 0",
         "reference_gate_limit": plan.gate_limit,
         "cpus": os.cpu_count(), "fs": fs_type(work),
+        # everything here is relative to a machine others share: this says how busy it was
+        "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": loadavg(),
     }
     summary["rounds"] = rounds
     summary["fixed_rate_detail"] = paced
@@ -800,21 +860,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sweep", action="store_true", help="skip the commit-interval sweep")
     ap.add_argument("--commit-interval-ms", type=float, default=None,
                     help="commit interval for the main Siteward scenarios (default: Siteward's default)")
+    ap.add_argument("--source", default="worktree",
+                    help='gateway code to measure: "worktree" (default) or a git revision (e.g. HEAD)')
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="record the gateway with py-spy during the first full-speed window")
     args = ap.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     if args.rounds is not None:
         plan.rounds = max(1, args.rounds)
+    plan.source = args.source
     if args.no_sweep:
         plan.sweep_ms = []
     if args.commit_interval_ms is not None:
         plan.commit_interval_ms = args.commit_interval_ms
-    else:
-        with contextlib.suppress(Exception):
-            from gateway.settings import StoreSection
-
-            plan.commit_interval_ms = float(StoreSection().commit_interval_ms)
     out = Out(args.json_only)
     work = Path(tempfile.mkdtemp(prefix="siteward-bench-", dir=pick_workdir_parent()))
     try:
