@@ -31,15 +31,10 @@ ACTIONS: dict[str, str] = {
     "audit.read": "read the audit trail",
     "tokens.own": "create, list and revoke one's own API tokens",
     "users.admin": "manage users and everyone's API tokens",
-    "ota.read": "list firmware and rollout campaigns, their nodes and history",
-    "ota.write": "upload and block firmware; create, pause, resume and abort rollout campaigns",
-    "ota.flash": "flash and provision nodes over the gateway's USB serial ports",
 }
 
-_VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read",
-                     "ota.read"})
-_TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own",
-                         "ota.write", "ota.flash"}
+_VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read"})
+_TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own"}
 _ADMIN = _TECHNICIAN | {"users.admin"}
 
 ROLE_ACTIONS: dict[Role, frozenset[str]] = {
