@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway.ble.service import BleService
 from gateway.broker import EmbeddedBroker
 from gateway.broker.external import ExternalBroker, subscription_filters
 from gateway.bus import LiveBus
@@ -79,6 +80,7 @@ class Gateway:
         self.supervisor = Supervisor(self.metrics)
         self.health = Health(self)
         self.ca = GatewayCA(settings.data_dir / "tls", settings.gateway.id)
+        self.ble = BleService(self)
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.audit: Any = None
         self.setup_code: str | None = None
@@ -132,7 +134,18 @@ class Gateway:
         sup.start("clock.monitor", self.clock_monitor.run)
         sup.start("broker.stats", self._broker_stats_loop)
 
+        await self._start_ble()
         await self._start_web(ssl_ctx if st.web.tls else None)
+
+    # -- BLE (gateway/ble) ------------------------------------------------------------------
+    async def _start_ble(self) -> None:
+        """Scans where BlueZ has an adapter; otherwise /healthz says "unavailable" and nothing
+        else changes. A failure here must not keep the rest of the gateway from running."""
+        try:
+            await self.ble.start()
+        except Exception as exc:
+            self.ble.state, self.ble.reason = "failed", f"{type(exc).__name__}: {exc}"[:200]
+            log.error("ble.start_failed", error=self.ble.reason, exc_info=exc)
 
     async def _start_web(self, ssl_ctx: Any) -> None:
         from gateway.audit import Audit

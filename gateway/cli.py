@@ -66,6 +66,8 @@ async def _serve(settings: Settings, simulate: int) -> None:
 
             sim = Simulator(simulate, port=gw.broker.port, interval_s=settings.simulate.interval_s)
             gw.supervisor.start("simulator", lambda: sim.run(gw.credentials.mint))
+            # no Bluetooth adapter here: simulated beacons through the same BLE decoders
+            gw.ble.simulate(settings.ble.simulate_beacons, settings.ble.simulate_interval_s)
         log.info("siteward.ready", web=f"http://localhost:{gw.web_port}/", mqtt_port=gw.broker.port,
                  simulated_nodes=simulate)
         await stop.wait()

@@ -51,5 +51,17 @@ class Metrics:
         self.clock_synced = Gauge("siteward_clock_synchronised", "1 when the wall clock is synced", registry=r)
         self.broker_stat = Gauge("siteward_broker", "Embedded broker statistics", ["stat"], registry=r)
 
+        # BLE (gateway/ble)
+        self.ble_adverts = Counter("siteward_ble_adverts", "BLE advertisements, by outcome (received, rejected, "
+                                   "decoded, replay, ...)", ["outcome"], registry=r)
+        self.ble_seconds_since_advert = Gauge("siteward_ble_seconds_since_advert",
+                                              "Seconds since the last BLE advertisement (-1: none yet)", registry=r)
+        self.ble_nearby = Gauge("siteward_ble_nearby", "BLE sensors in the nearby list", registry=r)
+        self.ble_watchdog_stage = Gauge("siteward_ble_watchdog_stage",
+                                        "BLE watchdog stage: 0 ok, 1 scan restarted, 2 adapter power-cycled, "
+                                        "3 unhealthy", registry=r)
+        self.ble_watchdog_escalations = Counter("siteward_ble_watchdog_escalations", "BLE watchdog escalations, "
+                                                "by stage", ["stage"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

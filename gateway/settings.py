@@ -101,6 +101,31 @@ class SimulateSection(_Section):
     interval_s: float = Field(default=2.0, gt=0)
 
 
+class BleSection(_Section):
+    """Bluetooth LE sensors (gateway/ble, docs/ble.md)."""
+
+    # "auto": scan if BlueZ has an adapter, else report BLE unavailable and run without it;
+    # "on": the same, but a missing adapter makes /healthz degraded; "off": no BLE at all.
+    enabled: Literal["auto", "on", "off"] = "auto"
+    adapter: str = Field(default="auto", pattern=r"^(auto|hci[0-9]{1,2})$")
+    # "auto": passive (BlueZ AdvertisementMonitor) where offered, else active
+    scan_mode: Literal["auto", "passive", "active"] = "auto"
+    # "sensors": adopt every sensor that decodes to measurements; "all": beacons too
+    auto_adopt: Literal["off", "sensors", "all"] = "off"
+    store_interval_s: float = Field(default=60.0, ge=0)
+    # change (absolute, per metric) that is stored at once; other metrics: relative_threshold
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    relative_threshold: float = Field(default=0.05, ge=0)
+    nearby_max: int = Field(default=1000, ge=10, le=100_000)
+    nearby_expiry_s: float = Field(default=600.0, gt=0)
+    watchdog_silence_s: float = Field(default=120.0, ge=5)
+    watchdog_check_s: float = Field(default=5.0, gt=0)
+    adapter_poll_s: float = Field(default=5.0, gt=0)
+    # development run without an adapter: simulated sensors fed to the same decoders
+    simulate_beacons: int = Field(default=6, ge=0, le=10_000)
+    simulate_interval_s: float = Field(default=2.0, gt=0)
+
+
 class LoggingSection(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -148,6 +173,7 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     profiles: ProfilesSection = ProfilesSection()
     cloud: CloudSection = CloudSection()
+    ble: BleSection = BleSection()
 
     @field_validator("gateway")
     @classmethod

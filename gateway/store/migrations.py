@@ -129,6 +129,33 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL DEFAULT 0);
         """,
     ),
+    (
+        4,
+        "ble: adopted and ignored sensors (sealed bindkeys), replay counters",
+        """
+        -- gateway/ble owns these. A sensor is keyed by its Bluetooth address
+        -- (AA:BB:CC:DD:EE:FF); its device id is ble-<address without colons>.
+        -- bindkey is sealed (AES-GCM) with the key in <data_dir>/ble-bindkeys.key (0600).
+        CREATE TABLE ble_sensors (
+            address TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('adopted', 'ignored')),
+            family TEXT,
+            model TEXT,
+            bindkey BLOB,
+            updated_at REAL NOT NULL
+        );
+
+        -- last accepted counter of each encrypted sensor: a packet whose counter goes
+        -- backwards is a replay and is refused, across restarts too
+        CREATE TABLE ble_replay (
+            address TEXT NOT NULL,
+            family TEXT NOT NULL,
+            counter INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (address, family)
+        );
+        """,
+    ),
 ]
 
 
