@@ -19,7 +19,19 @@ from aiohttp import web
 from gateway.auth.service import AuthService
 from gateway.web.keys import AUTH, GATEWAY, STATE
 from gateway.web.middlewares import WebState, auth_middleware, error_middleware, security_headers
-from gateway.web.views import audit, commands, devices, health, ingest, live, pages, session, tokens, users
+from gateway.web.views import (
+    audit,
+    ble,
+    commands,
+    devices,
+    health,
+    ingest,
+    live,
+    pages,
+    session,
+    tokens,
+    users,
+)
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -27,7 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-VIEWS = (health, session, pages, devices, commands, ingest, live, users, tokens, audit)
+VIEWS = (health, session, pages, devices, commands, ingest, live, users, tokens, audit, ble)
 
 SESSION_PURGE_INTERVAL_S = 3600.0
 # JSON bodies are small; HTTP ingest reads its own body under broker.max_payload_bytes
