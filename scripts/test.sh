@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start, command 2: install what the tests need and run the whole suite.
 source "$(dirname "$0")/_env.sh"
-apt_install mosquitto sqlite3 ca-certificates
+apt_install mosquitto sqlite3 ca-certificates dbus libdbus-1-dev libglib2.0-dev pkg-config gcc
 ensure_venv test
 cd "$ROOT"
 "$VENV/bin/ruff" check .
