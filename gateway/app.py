@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from gateway.ble.service import BleService
+from gateway.audit import Audit
 from gateway.broker import EmbeddedBroker
 from gateway.broker.external import ExternalBroker, subscription_filters
 from gateway.bus import LiveBus
@@ -82,7 +83,7 @@ class Gateway:
         self.ca = GatewayCA(settings.data_dir / "tls", settings.gateway.id)
         self.ble = BleService(self)
         self.broker: EmbeddedBroker | ExternalBroker | None = None
-        self.audit: Any = None
+        self.audit = Audit(self.db)
         self.setup_code: str | None = None
         self.web_port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -98,6 +99,15 @@ class Gateway:
         await self.stop()
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # a half-started gateway must not leave the broker listening or the store open
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start(self) -> None:
         st = self.settings
         st.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.open()
@@ -148,11 +158,9 @@ class Gateway:
             log.error("ble.start_failed", error=self.ble.reason, exc_info=exc)
 
     async def _start_web(self, ssl_ctx: Any) -> None:
-        from gateway.audit import Audit
         from gateway.auth.setup import ensure_first_admin
         from gateway.web.app import build_web_app
 
-        self.audit = Audit(self.db)
         self.setup_code = await ensure_first_admin(self)
         app = build_web_app(self)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -86,10 +86,16 @@ def cmd_run(args: argparse.Namespace, production: bool = False) -> int:
     configure_logging(settings.logging)
     simulate = 0 if production else (args.simulate if args.simulate is not None else settings.simulate.nodes)
     _install_loop()
+    from gateway.auth.errors import SetupError
+
     try:
         asyncio.run(_serve(settings, simulate))
+    except SetupError as exc:
+        print(f"siteward: configuration error:\n{exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"siteward: cannot start: {exc}", file=sys.stderr)
+        hint = " (another broker or gateway on that port? try --mqtt-port/--web-port)" if exc.errno == 98 else ""
+        print(f"siteward: cannot start: {exc}{hint}", file=sys.stderr)
         return 1
     return 0
 

@@ -14,7 +14,10 @@ class Role(StrEnum):
 
 class AuthMethod(StrEnum):
     SESSION = "session"  # browser: cookie + CSRF token
-    TOKEN = "token"  # scripts and HTTP devices: Authorization: Bearer
+    TOKEN = "token"  # scripts: Authorization: Bearer <API token>
+    # an HTTP device: Authorization: Bearer <its own minted secret>, good only for posting
+    # its own readings (see gateway.web.permissions.authorise)
+    DEVICE = "device"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,8 @@ class Principal:
     session_expires_at: float | None = None
     # token only: for the audit trail and revocation
     token_id: str | None = None
+    # device only: the one device whose readings this principal may post
+    device_id: str | None = None
 
     @property
     def via(self) -> dict[str, str]:

@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 
 from gateway.auth.errors import AuthError
-from gateway.auth.principal import AuthMethod, Principal
+from gateway.auth.principal import AuthMethod, Principal, Role
 from gateway.auth.sessions import COOKIE_NAME
 from gateway.auth.setup import setup_required
 from gateway.store.database import Database, StoreClosed
@@ -164,12 +164,26 @@ def _count_refusal(request: web.Request, access: Access) -> None:
         request.app[GATEWAY].metrics.rejected.labels(reason="http_unauthorised").inc()
 
 
+async def _device_principal(request: web.Request, secret: str) -> Principal | None:
+    """An HTTP device authenticates with the secret minted for it, for its own URL only."""
+    device_id = request.match_info.get("device_id")
+    if not device_id or not secret:
+        return None
+    login = await request.app[GATEWAY].credentials.verify_fresh(device_id, secret)
+    if login is None:
+        return None
+    return Principal(username=f"device:{device_id}", role=Role.VIEWER, method=AuthMethod.DEVICE,
+                     device_id=device_id)
+
+
 async def _authenticate(request: web.Request, access: Access) -> Principal:
     auth = request.app[AUTH]
     header = request.headers.get("Authorization")
     if header is not None:
         scheme, _, value = header.partition(" ")
         principal = await auth.tokens.resolve(value) if scheme.lower() == "bearer" and value.strip() else None
+        if principal is None and access.bearer_only and scheme.lower() == "bearer":
+            principal = await _device_principal(request, value.strip())
         if principal is None:
             _count_refusal(request, access)
             raise ApiError(

@@ -56,6 +56,9 @@ def authorise(principal: Principal | None, action: str) -> bool:
     if action not in ACTIONS:
         log.error("web.unknown_action", action=action)
         return False
+    if principal.method is AuthMethod.DEVICE:
+        # a device's own secret: posting its readings and nothing else
+        return action == "ingest.write"
     if action in _SESSION_ONLY and principal.method is not AuthMethod.SESSION:
         return False
     return action in ROLE_ACTIONS.get(principal.role, frozenset())

@@ -159,3 +159,22 @@ async def test_http_ingest_from_many_devices_in_parallel(site: Site) -> None:
     )
     assert [r.status for r in results] == [201] * 50
     assert await count_readings(site.gw) == 50
+
+
+async def test_an_http_device_posts_with_its_own_secret_for_itself_only(site: Site) -> None:
+    secret = await site.gw.credentials.mint("http-node")
+    await site.gw.credentials.mint("other-node")
+    device = site.client(token=secret)
+    r = await device.post(TELEMETRY, {"temperature": 4.5})
+    assert r.status == 201 and r.json["stored"] == 1
+    # the same secret is worth nothing for another device or for anything else
+    before = rejected(site.gw, "http_unauthorised")
+    r = await device.post("/api/v1/devices/other-node/telemetry", {"temperature": 1})
+    assert r.status == 401
+    assert (await device.get("/api/v1/devices")).status == 401
+    assert rejected(site.gw, "http_unauthorised") == before + 1
+    assert await count_readings(site.gw, "http-node") == 1
+    assert await count_readings(site.gw, "other-node") == 0
+    # revoked: refused
+    await site.gw.credentials.revoke("http-node")
+    assert (await device.post(TELEMETRY, {"temperature": 5})).status == 401
