@@ -30,6 +30,7 @@ from gateway.health import Health
 from gateway.ingest.pipeline import Ingest, Timekeeper
 from gateway.ingest.profiles import load_profiles
 from gateway.metrics import Metrics
+from gateway.ota.service import OtaService
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.events import EventLog
@@ -81,6 +82,7 @@ class Gateway:
         self.supervisor = Supervisor(self.metrics)
         self.health = Health(self)
         self.ca = GatewayCA(settings.data_dir / "tls", settings.gateway.id)
+        self.ota = OtaService(self)
         self.ble = BleService(self)
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.audit = Audit(self.db)
@@ -143,6 +145,7 @@ class Gateway:
         sup.start("store.maintenance", self._maintenance_loop)
         sup.start("clock.monitor", self.clock_monitor.run)
         sup.start("broker.stats", self._broker_stats_loop)
+        await self.ota.start()
 
         await self._start_ble()
         await self._start_web(ssl_ctx if st.web.tls else None)

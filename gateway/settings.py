@@ -143,6 +143,27 @@ class CloudSection(_Section):
     port: int = Field(default=8883, ge=1, le=65535)
 
 
+class OtaSection(_Section):
+    """Firmware updates (docs/firmware.md)."""
+
+    # the gateway's Ed25519 signing key (PKCS#8 PEM, 0600); default <data_dir>/ota/signing.key,
+    # created on first start
+    signing_key: Path | None = None
+    # base64 Ed25519 public keys of release pipelines whose pre-signed manifests are accepted
+    trusted_keys: list[str] = Field(default_factory=list)
+    # how nodes reach the gateway's HTTP server ("http://192.168.1.2:8080"); unset: download URLs
+    # are relative and each node resolves them against the gateway host in its own config
+    base_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+$")
+    max_image_mb: float = Field(default=8.0, gt=0, le=16)
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    progress_timeout_s: float = Field(default=180.0, gt=0)
+    confirm_timeout_s: float = Field(default=600.0, gt=0)
+    download_token_ttl_s: float = Field(default=7 * 86400.0, gt=0)
+    tick_s: float = Field(default=1.0, gt=0, le=60)
+    # how to run esptool (GPL: always a separate program); unset: this Python's "-m esptool"
+    esptool: list[str] | None = None
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
         super().__init__(settings_cls)
@@ -173,6 +194,7 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     profiles: ProfilesSection = ProfilesSection()
     cloud: CloudSection = CloudSection()
+    ota: OtaSection = OtaSection()
     ble: BleSection = BleSection()
 
     @field_validator("gateway")

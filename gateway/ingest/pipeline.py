@@ -12,6 +12,7 @@ that no acknowledgement is sent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -76,6 +77,8 @@ class Ingest:
         self._burst = BurstLogger(log)
         self._msg_counter = {s: metrics.messages_in.labels(source=s.value) for s in Source}
         self._rejected: dict[str, Any] = {}
+        # the OTA service listens here: (device, status payload) of every valid OTA status message
+        self.ota_observers: list[Callable[[str, dict[str, Any]], Awaitable[None]]] = []
 
     # -- sources ----------------------------------------------------------------------------
     async def on_mqtt(self, principal_device: str | None, topic: str, payload: bytes) -> list[int]:
@@ -136,6 +139,8 @@ class Ingest:
             await self.registry.apply_attributes(p.device, p.attributes)
         if p.kind == "ota_status":
             await self.events.record("ota.status", p.device, p.raw or {})
+            for observe in self.ota_observers:
+                await observe(p.device, p.raw or {})
             return []
         ids: list[int] = []
         if pending is not None:

@@ -156,6 +156,72 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "ota: firmware registry, rollout campaigns, per-node runs and their history",
+        """
+        -- gateway/ota owns these. One row per accepted image (file kept under
+        -- <data_dir>/firmware/<sha256>.bin); envelope holds a pre-signed manifest when imported.
+        CREATE TABLE ota_firmware (
+            sha256 TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('app', 'files')),
+            project TEXT NOT NULL,
+            version TEXT NOT NULL,
+            chip TEXT,
+            size INTEGER NOT NULL,
+            filename TEXT,
+            info TEXT NOT NULL DEFAULT '{}',
+            envelope TEXT,
+            source TEXT NOT NULL,
+            uploaded_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            blocked INTEGER NOT NULL DEFAULT 0,
+            blocked_reason TEXT,
+            UNIQUE (project, version)
+        );
+
+        CREATE TABLE ota_campaigns (
+            id TEXT PRIMARY KEY,
+            firmware TEXT NOT NULL REFERENCES ota_firmware (sha256),
+            target TEXT NOT NULL,
+            canary INTEGER NOT NULL,
+            max_concurrent INTEGER NOT NULL,
+            max_failures INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            failures_ack INTEGER NOT NULL DEFAULT 0,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX ota_campaigns_state ON ota_campaigns (state);
+
+        CREATE TABLE ota_nodes (
+            campaign_id TEXT NOT NULL REFERENCES ota_campaigns (id),
+            device_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            progress REAL,
+            reason TEXT,
+            from_version TEXT,
+            canary INTEGER NOT NULL DEFAULT 0,
+            since REAL NOT NULL,
+            deadline REAL,
+            PRIMARY KEY (campaign_id, device_id)
+        );
+        CREATE INDEX ota_nodes_device ON ota_nodes (device_id);
+
+        CREATE TABLE ota_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            campaign_id TEXT NOT NULL,
+            device_id TEXT,
+            state TEXT NOT NULL,
+            progress REAL,
+            reason TEXT
+        );
+        CREATE INDEX ota_history_campaign ON ota_history (campaign_id, id);
+        """,
+    ),
 ]
 
 

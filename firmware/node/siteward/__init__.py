@@ -1,0 +1,1 @@
+# Siteward node firmware (MicroPython).
