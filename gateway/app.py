@@ -40,6 +40,10 @@ from gateway.tls import GatewayCA
 
 log = structlog.get_logger(__name__)
 
+# WAL upkeep: copied back every few seconds, reset if readers kept it from shrinking
+CHECKPOINT_INTERVAL_S = 2.0
+WAL_TRUNCATE_BYTES = 64 * 1024 * 1024
+
 
 def make_clock(settings: Settings) -> Clock:
     src = settings.time.source
@@ -143,6 +147,7 @@ class Gateway:
             min(self.settings.devices.last_seen_flush_s, self.settings.devices.offline_after_s / 4)))
         sup.start("commands.timeouts", self.commander.run_timeouts)
         sup.start("store.maintenance", self._maintenance_loop)
+        sup.start("store.checkpoint", lambda: self.db.run_checkpoints(CHECKPOINT_INTERVAL_S, WAL_TRUNCATE_BYTES))
         sup.start("clock.monitor", self.clock_monitor.run)
         sup.start("broker.stats", self._broker_stats_loop)
         await self.ota.start()

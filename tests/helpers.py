@@ -30,13 +30,7 @@ async def eventually(fn: Callable[[], Awaitable[T]], ok: Callable[[T], bool], wi
 
 
 async def count_readings(gw: Any, device: str | None = None) -> int:
-    if device is None:
-        row = await gw.db.fetchone("SELECT count(*) FROM readings")
-    else:
-        row = await gw.db.fetchone(
-            "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series_id WHERE s.device_id = ?",
-            (device,))
-    return int(row[0])
+    return int(await gw.readings.count(device))
 
 
 def rejected(gw: Any, reason: str) -> float:

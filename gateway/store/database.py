@@ -90,6 +90,8 @@ class Database:
         # (device, metric) -> (series id, unit); touched only on the writer thread
         self._series: dict[tuple[str, str], tuple[int, str]] = {}
         self._closed = False
+        self._ckpt_conn: sqlite3.Connection | None = None
+        self._ckpt_lock = asyncio.Lock()
         self.commits = 0
         self.last_commit_error: str | None = None
 
@@ -110,9 +112,14 @@ class Database:
     def _open_writer(self) -> list[int]:
         conn = connect(self.path)
         applied = apply_migrations(conn)
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='readings'").fetchone()
+        # the newest reading never leaves the table (gateway.store.readings), so max(id) is
+        # the high-water mark; the merge watermark covers a table emptied by hand
         top = conn.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
-        self._next_id = max(row[0] if row else 0, top) + 1
+        merged = conn.execute("SELECT value FROM meta WHERE key = 'history_merged_id'").fetchone()
+        self._next_id = max(top, int(merged[0]) if merged else 0) + 1
+        # checkpoints run from their own connection (checkpoint()), not inside a commit:
+        # the commit that happened to trigger SQLite's automatic one was the latency tail
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         for sid, dev, metric, unit in conn.execute("SELECT id, device_id, metric, unit FROM series"):
             self._series[(dev, metric)] = (sid, unit)
         self._conn = conn
@@ -128,6 +135,9 @@ class Database:
             await self._task
         if self._reader is not None:
             await self._reader.close()
+        if self._ckpt_conn is not None:
+            async with self._ckpt_lock:
+                await asyncio.to_thread(self._ckpt_conn.close)
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._executor, self._conn.close)
@@ -287,13 +297,41 @@ class Database:
         return range(first, rid)
 
     async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
-        """Copy the WAL back into the database file (between transactions, on the writer thread)."""
+        """Copy the WAL back into the database file.
+
+        PASSIVE runs on a connection and thread of its own, beside the writer: commits go on
+        while it copies. The other modes wait for the writer (they must reset the WAL).
+        """
         assert mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
-        conn = self._conn
-        assert conn is not None
-        row = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
-        return tuple(row)  # type: ignore[return-value]
+        if mode != "PASSIVE":
+            conn = self._conn
+            assert conn is not None
+            row = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
+            return tuple(row)  # type: ignore[return-value]
+        async with self._ckpt_lock:
+            return await asyncio.to_thread(self._passive_checkpoint)
+
+    def _passive_checkpoint(self) -> tuple[int, int, int]:
+        if self._ckpt_conn is None:
+            self._ckpt_conn = connect(self.path)
+        return tuple(self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())  # type: ignore[return-value]
+
+    def wal_bytes(self) -> int:
+        try:
+            return Path(str(self.path) + "-wal").stat().st_size
+        except OSError:
+            return 0
+
+    async def run_checkpoints(self, interval_s: float, truncate_above_bytes: int) -> None:
+        """Supervised loop: keep the WAL short without ever checkpointing inside a commit."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.checkpoint("PASSIVE")
+            if self.wal_bytes() > truncate_above_bytes:
+                # readers kept the WAL from being reused for long: reset it once, briefly
+                # holding the writer, so the file does not grow without bound
+                await self.checkpoint("TRUNCATE")
 
     # -- reading ------------------------------------------------------------------------
     async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:

@@ -1,10 +1,23 @@
-"""Queries and upkeep of the readings table (history + outbox).
+"""Queries and upkeep of readings: the outbox table, the history table, the merge between.
 
-Retention deletes only readings that every outbox consumer (cloud sync) has
-acknowledged and that are older than the retention period. When the database
-outgrows its quota, the policy decides: ``drop_oldest`` deletes the oldest readings
-even if unsynced (counted, persisted, reported upward), ``refuse_new`` keeps what is
-stored and refuses new readings (counted) until space frees up.
+Two tables, for the SD card's sake (docs/performance.md, "Where the bytes go"):
+
+* ``readings`` is append-only and unindexed: the outbox (cloud sync reads ids above its
+  watermark) and the newest history. A commit writes about one page.
+* ``history`` is clustered by (series, ts, id) for queries and charts. A periodic
+  merge copies readings into it in bulk, so each series' leaf page is written once per
+  merge rather than once per commit.
+
+Every query reads ``history`` plus the unmerged tail of ``readings`` in one statement
+(one snapshot). A row leaves ``readings`` once it is merged and every outbox consumer
+has acknowledged it; the newest row always stays, so ``max(id)`` is the high-water mark
+and ids are never reused.
+
+Retention deletes history older than the retention period that every outbox consumer
+has acknowledged. When the database outgrows its quota, the policy decides:
+``drop_oldest`` deletes the oldest acknowledged history first and only then the oldest
+unacknowledged readings (counted, persisted, reported upward); ``refuse_new`` keeps
+what is stored and refuses new readings (counted) until space frees up.
 """
 
 from __future__ import annotations
@@ -22,6 +35,36 @@ from gateway.store.database import Database
 log = structlog.get_logger(__name__)
 
 QUOTA_DELETE_CHUNK = 20_000
+# rows merged per write: bounds how long one merge holds the writer (ingest waits meanwhile)
+MERGE_CHUNK = 100_000
+MERGED_KEY = "history_merged_id"
+
+_MERGED = f"(SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{MERGED_KEY}')"
+# history plus the unmerged tail of readings, as one relation (one snapshot)
+_ALL = (
+    "(SELECT id, series_id, ts, value, flags FROM history WHERE series_id = :sid AND ts >= :since AND ts <= :until"
+    " UNION ALL SELECT id, series_id, ts, value, flags FROM readings"
+    f" WHERE id > coalesce({_MERGED}, 0) AND series_id = :sid AND ts >= :since AND ts <= :until)"
+)
+
+# one row per non-empty bucket; the bench (bench/ui.py) times this same statement as its reference
+DOWNSAMPLE_SQL = (
+    "SELECT CAST((ts - :since) / :width AS INTEGER) AS b, min(ts), max(ts), min(value), max(value), avg(value),"
+    f" count(*) FROM {_ALL} GROUP BY b ORDER BY b"
+)
+_RANGE_SQL = f"SELECT id, ts, value, flags FROM {_ALL} ORDER BY ts DESC, id DESC LIMIT :limit"
+_FAR = 1e12
+
+
+def merged_upto(c: sqlite3.Connection) -> int:
+    row = c.execute("SELECT value FROM meta WHERE key = ?", (MERGED_KEY,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def synced_upto(c: sqlite3.Connection) -> int | None:
+    """Lowest id every outbox consumer acknowledged; None when nobody consumes the outbox."""
+    row = c.execute("SELECT min(acked_id), count(*) FROM outbox_consumers").fetchone()
+    return int(row[0]) if row[1] else None
 
 
 class ReadingsQuery:
@@ -30,33 +73,55 @@ class ReadingsQuery:
 
     async def history(self, device_id: str, metric: str | None = None, since: float | None = None,
                       until: float | None = None, limit: int = 1000) -> list[StoredReading]:
-        where = ["s.device_id = ?"]
-        params: list[Any] = [device_id]
+        """Newest first, at most ``limit``."""
+        sql = "SELECT id, metric, unit FROM series WHERE device_id = ?"
+        args: list[Any] = [device_id]
         if metric is not None:
-            where.append("s.metric = ?")
-            params.append(metric)
-        if since is not None:
-            where.append("r.ts >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("r.ts <= ?")
-            params.append(until)
-        params.append(limit)
-        rows = await self._db.fetchall(
-            "SELECT r.id, s.device_id, s.metric, r.value, s.unit, r.ts, r.flags FROM readings r"
-            " JOIN series s ON s.id = r.series_id WHERE " + " AND ".join(where)
-            + " ORDER BY r.ts DESC, r.id DESC LIMIT ?", params)
-        return [StoredReading(id=r[0], device=r[1], metric=r[2], value=r[3], unit=r[4], ts=r[5], flags=r[6])
-                for r in rows]
+            sql += " AND metric = ?"
+            args.append(metric)
+        out: list[StoredReading] = []
+        for sid, m, unit in await self._db.fetchall(sql, args):
+            rows = await self._db.fetchall(_RANGE_SQL, {"sid": sid, "since": -_FAR if since is None else since,
+                                                        "until": _FAR if until is None else until, "limit": limit})
+            out += [StoredReading(id=r[0], device=device_id, metric=m, value=r[2], unit=unit, ts=r[1], flags=r[3])
+                    for r in rows]
+        out.sort(key=lambda x: (x.ts, x.id), reverse=True)
+        return out[:limit]
+
+    async def series_of(self, device_id: str, metric: str) -> tuple[int, str] | None:
+        """(series id, unit) of one device's metric, or None if it never reported it."""
+        row = await self._db.fetchone("SELECT id, unit FROM series WHERE device_id = ? AND metric = ?",
+                                      (device_id, metric))
+        return (int(row[0]), str(row[1])) if row else None
+
+    async def downsample(self, series_id: int, since: float, until: float, buckets: int) -> list[tuple[Any, ...]]:
+        """Min/max/avg per time bucket, computed in SQL: a week of 1 Hz data (604,800 rows)
+        comes back as ``buckets`` rows, so a phone draws a few kB instead of 10+ MB.
+
+        Rows: (bucket index, first ts, last ts, min, max, avg, count), only buckets with data.
+        The range scan walks history's (series_id, ts) clustering plus the short unmerged tail.
+        """
+        width = max((until - since) / max(buckets, 1), 1e-3)
+        return [tuple(r) for r in await self._db.fetchall(
+            DOWNSAMPLE_SQL, {"since": since, "width": width, "sid": series_id, "until": until})]
+
+    async def count(self, device_id: str | None = None) -> int:
+        """Readings stored (history + unmerged), optionally of one device."""
+        if device_id is None:
+            row = await self._db.fetchone(
+                f"SELECT (SELECT count(*) FROM history) + (SELECT count(*) FROM readings"
+                f" WHERE id > coalesce({_MERGED}, 0))")
+        else:
+            row = await self._db.fetchone(
+                "SELECT (SELECT count(*) FROM history WHERE series_id IN (SELECT id FROM series WHERE device_id = :d))"
+                " + (SELECT count(*) FROM readings WHERE series_id IN (SELECT id FROM series WHERE device_id = :d)"
+                f" AND id > coalesce({_MERGED}, 0))", {"d": device_id})
+        return int(row[0]) if row else 0
 
     async def metrics_of(self, device_id: str) -> list[str]:
         rows = await self._db.fetchall("SELECT metric FROM series WHERE device_id = ? ORDER BY metric",
                                        (device_id,))
         return [r[0] for r in rows]
-
-    async def count(self) -> int:
-        row = await self._db.fetchone("SELECT count(*) FROM readings")
-        return int(row[0]) if row else 0
 
 
 class Outbox:
@@ -97,7 +162,36 @@ class Maintenance:
         row = await self._db.fetchone("SELECT value FROM counters WHERE name = 'dropped_quota'")
         self.dropped_total = int(row[0]) if row else 0
 
+    async def merge(self) -> int:
+        """Copy readings into history (bulk, in series order); release acknowledged outbox rows."""
+        total = 0
+        while True:
+            n = await self._db.write(self._merge_chunk)
+            total += n
+            if n < MERGE_CHUNK:
+                return total
+
+    def _merge_chunk(self, c: sqlite3.Connection) -> int:
+        merged = merged_upto(c)
+        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
+        upto = min(top, merged + MERGE_CHUNK)
+        n = 0
+        if upto > merged:
+            # sorted by the clustering key: each series' rows land on its leaf pages in one go
+            n = int(c.execute(
+                "INSERT OR IGNORE INTO history (series_id, ts, id, value, flags, source)"
+                " SELECT series_id, ts, id, value, flags, source FROM readings WHERE id > ? AND id <= ?"
+                " ORDER BY series_id, ts, id", (merged, upto)).rowcount)
+            c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (MERGED_KEY, str(upto)))
+        synced = synced_upto(c)
+        release = upto if synced is None else min(upto, synced)
+        # the newest row stays: max(id) is the high-water mark that keeps ids unique forever
+        c.execute("DELETE FROM readings WHERE id <= ? AND id < ?", (release, top))
+        return n
+
     async def run_once(self) -> dict[str, int]:
+        merged = await self.merge()
         deleted = await self._db.write(self._retention)
         dropped = 0
         size = self._db.size_bytes()
@@ -116,35 +210,47 @@ class Maintenance:
                 self.refusing = True
         else:
             self.refusing = False
-        # freed pages are reused by SQLite; the WAL is truncated so the file size is honest
         await self._db.checkpoint("PASSIVE")
-        return {"retention_deleted": deleted, "quota_dropped": dropped}
+        return {"merged": merged, "retention_deleted": deleted, "quota_dropped": dropped}
 
-    def _synced_upto(self, c: sqlite3.Connection) -> int | None:
-        row = c.execute("SELECT min(acked_id), count(*) FROM outbox_consumers").fetchone()
-        return int(row[0]) if row[1] else None
+    @staticmethod
+    def _series_ids(c: sqlite3.Connection) -> list[int]:
+        return [int(r[0]) for r in c.execute("SELECT id FROM series")]
 
     def _retention(self, c: sqlite3.Connection) -> int:
         cutoff = time.time() - self.retention_s
-        synced = self._synced_upto(c)
-        if synced is None:
-            cur = c.execute("DELETE FROM readings WHERE ts < ?", (cutoff,))
-        else:
-            cur = c.execute("DELETE FROM readings WHERE ts < ? AND id <= ?", (cutoff, synced))
-        return int(cur.rowcount)
+        synced = synced_upto(c)
+        bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
+        deleted = 0
+        for sid in self._series_ids(c):  # per series: a range delete on the clustering key
+            deleted += int(c.execute("DELETE FROM history WHERE series_id = ? AND ts < ? AND id <= ?",
+                                     (sid, cutoff, bound)).rowcount)
+        return deleted
 
     def _drop_oldest(self, c: sqlite3.Connection) -> int:
-        # synced rows go first, whatever their age; only then unsynced ones (counted as drops)
-        synced = self._synced_upto(c)
-        freed = 0
-        if synced:
-            freed = c.execute(
-                "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE id <= ? ORDER BY id LIMIT ?)",
-                (synced, QUOTA_DELETE_CHUNK)).rowcount
-        if freed:
+        """Free space: acknowledged history first (the cloud has it), oldest day at a time;
+        only when there is none, the oldest unacknowledged readings, counted as drops."""
+        synced = synced_upto(c)
+        bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
+        oldest = c.execute("SELECT min(m) FROM (SELECT (SELECT min(ts) FROM history h WHERE h.series_id = s.id"
+                           " AND h.id <= ?) AS m FROM series s)", (bound,)).fetchone()[0]
+        if oldest is not None:
+            freed = 0
+            for sid in self._series_ids(c):
+                freed += int(c.execute("DELETE FROM history WHERE series_id = ? AND ts < ? AND id <= ?",
+                                       (sid, oldest + 86400.0, bound)).rowcount)
+            if freed:
+                return 0
+        if synced is None:
+            return 0  # nothing is waiting for a consumer: there is nothing unsynced to drop
+        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
+        upto = c.execute("SELECT max(id) FROM (SELECT id FROM readings WHERE id > ? AND id < ? ORDER BY id LIMIT ?)",
+                         (synced, top, QUOTA_DELETE_CHUNK)).fetchone()[0]
+        if upto is None:
             return 0
-        n = int(c.execute("DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)",
-                          (QUOTA_DELETE_CHUNK,)).rowcount)
+        c.execute("DELETE FROM history WHERE (series_id, ts, id) IN"
+                  " (SELECT series_id, ts, id FROM readings WHERE id > ? AND id <= ?)", (synced, upto))
+        n = int(c.execute("DELETE FROM readings WHERE id > ? AND id <= ?", (synced, upto)).rowcount)
         c.execute("INSERT INTO counters (name, value) VALUES ('dropped_quota', ?)"
                   " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (n,))
         return n
@@ -152,11 +258,17 @@ class Maintenance:
     async def correct_clock(self, step_s: float, from_id: int) -> int:
         """Shift readings stamped by the unsynchronised clock of this boot by the step NTP made."""
         unsynced, corrected = int(TimeFlag.CLOCK_UNSYNCED), int(TimeFlag.CORRECTED)
+        args = (step_s, corrected, from_id, unsynced, int(TimeFlag.NODE_TS))
 
         def fix(c: sqlite3.Connection) -> int:
-            return int(c.execute(
-                "UPDATE readings SET ts = ts + ?, flags = flags | ? WHERE id >= ? AND flags & ? AND NOT flags & ?",
-                (step_s, corrected, from_id, unsynced, int(TimeFlag.NODE_TS))).rowcount)
+            where = "WHERE id >= ? AND flags & ? AND NOT flags & ?"
+            merged = merged_upto(c)
+            n = c.execute(f"UPDATE history SET ts = ts + ?, flags = flags | ? {where}", args).rowcount
+            # rows merged but still in the outbox are fixed in both places, counted once
+            upd = f"UPDATE readings SET ts = ts + ?, flags = flags | ? {where}"
+            c.execute(f"{upd} AND id <= ?", (*args, merged))
+            n += c.execute(f"{upd} AND id > ?", (*args, merged)).rowcount
+            return int(n)
 
         n = await self._db.write(fix)
         log.info("store.clock_corrected", readings=n, step_s=round(step_s, 3))

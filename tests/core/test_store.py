@@ -58,17 +58,35 @@ async def test_close_commits_everything_acknowledged(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 50
 
 
-async def test_ids_are_never_reused_after_deleting_the_newest(tmp_path: Path) -> None:
+async def test_ids_are_never_reused_after_retention_emptied_the_store(tmp_path: Path) -> None:
     path = tmp_path / "ids.db"
     d = Database(path, Metrics())
     await d.open()
-    await d.add_readings([r() for _ in range(10)])
-    await d.write(lambda c: c.execute("DELETE FROM readings"))
+    await d.add_readings([r(ts=time.time() - 90 * 86400) for _ in range(10)])
+    await Outbox(d).register("cloud")
+    await d.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 10"))
+    m = Maintenance(d, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    await m.run_once()  # everything is old and acknowledged: merged, then deleted
+    assert await ReadingsQuery(d).count() == 0
     await d.close()
     d = Database(path, Metrics())
     await d.open()
     assert list(await d.add_readings([r()])) == [11]
     await d.close()
+
+
+async def test_merge_moves_readings_to_history_and_keeps_unacknowledged_ones_in_the_outbox(db: Database) -> None:
+    await db.add_readings([r(value=i) for i in range(100)])
+    await Outbox(db).register("cloud")
+    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 40"))
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    assert await m.merge() == 100
+    # acknowledged rows left the outbox; the rest wait there for the cloud
+    assert (await db.fetchone("SELECT min(id), max(id) FROM readings"))[:] == (41, 100)
+    await db.add_readings([r(value=100.0)])
+    q = ReadingsQuery(db)
+    assert await q.count() == 101  # history + unmerged tail, nothing twice
+    assert [x.value for x in await q.history("n1", limit=3)] == [100.0, 99.0, 98.0]
 
 
 async def test_reopening_applies_pending_migrations_and_keeps_data(tmp_path: Path) -> None:
@@ -111,20 +129,33 @@ async def test_retention_deletes_only_synced_and_old(db: Database) -> None:
     await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 6 WHERE name = 'cloud'"))
     m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
     assert (await m.run_once())["retention_deleted"] == 6  # old rows 7..10 are not synced yet: kept
-    assert (await db.fetchone("SELECT min(id), count(*) FROM readings"))[:] == (7, 9)
+    rows = await ReadingsQuery(db).history("n1", limit=100)
+    assert sorted(x.id for x in rows) == list(range(7, 16))
 
 
 async def test_quota_drop_oldest_counts_every_drop_persistently(db: Database) -> None:
     await db.add_readings([r(value=i) for i in range(30_000)])
+    await Outbox(db).register("cloud")  # nothing acknowledged: every drop loses unsent data
     metrics = Metrics()
     m = Maintenance(db, metrics, retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
     res = await m.run_once()
     assert res["quota_dropped"] == 20_000
     assert (await db.fetchone("SELECT min(id) FROM readings"))[0] == 20_001
+    assert await ReadingsQuery(db).count() == 10_000
     m2 = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
     await m2.load()
     assert m2.dropped_total == 20_000
     assert b'siteward_dropped_total{policy="quota_drop_oldest"} 20000.0' in metrics.render()
+
+
+async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(db: Database) -> None:
+    await db.add_readings([r(value=i, ts=time.time() - 3 * 86400) for i in range(5000)])
+    await db.add_readings([r(value=i) for i in range(5000)])
+    await Outbox(db).register("cloud")
+    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 5000"))
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
+    assert (await m.run_once())["quota_dropped"] == 0
+    assert await ReadingsQuery(db).count() == 5000  # the cloud had the old half
 
 
 async def test_quota_refuse_new_keeps_what_is_stored(db: Database) -> None:
@@ -132,7 +163,7 @@ async def test_quota_refuse_new_keeps_what_is_stored(db: Database) -> None:
     m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="refuse_new")
     await m.run_once()
     assert m.refusing
-    assert (await db.fetchone("SELECT count(*) FROM readings"))[0] == 5000
+    assert await ReadingsQuery(db).count() == 5000
 
 
 async def test_clock_correction_shifts_only_unsynced_gateway_stamped_readings(db: Database) -> None:
@@ -141,6 +172,7 @@ async def test_clock_correction_shifts_only_unsynced_gateway_stamped_readings(db
                            r(ts=3000.0, flags=int(TimeFlag.NODE_TS))])
     m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
     assert await m.correct_clock(3600.0, from_id=1) == 1
-    rows = await db.fetchall("SELECT ts, flags FROM readings ORDER BY id")
-    assert [tuple(x) for x in rows] == [(4600.0, unsynced | int(TimeFlag.CORRECTED)), (2000.0, 0),
+    await m.merge()  # the correction must hold in history as well as in the outbox
+    rows = sorted(await ReadingsQuery(db).history("n1"), key=lambda x: x.id)
+    assert [(x.ts, x.flags) for x in rows] == [(4600.0, unsynced | int(TimeFlag.CORRECTED)), (2000.0, 0),
                                         (3000.0, int(TimeFlag.NODE_TS))]
