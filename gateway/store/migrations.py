@@ -249,12 +249,14 @@ def apply_migrations(conn: sqlite3.Connection) -> list[int]:
     """Apply every pending migration; returns the numbers applied."""
     applied: list[int] = []
     have = current_version(conn)
-    latest = MIGRATIONS[-1][0]
+    # numeric order, whatever order the list was edited in
+    ordered = sorted(MIGRATIONS, key=lambda m: m[0])
+    latest = ordered[-1][0]
     if have > latest:
         raise RuntimeError(
             f"database schema version {have} is newer than this Siteward ({latest}); refusing to run"
         )
-    for number, _title, sql in MIGRATIONS:
+    for number, _title, sql in ordered:
         if number <= have:
             continue
         # executescript would COMMIT implicitly; run statement by statement inside one

@@ -92,7 +92,7 @@ async def test_merge_moves_readings_to_history_and_keeps_unacknowledged_ones_in_
 async def test_reopening_applies_pending_migrations_and_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     d = Database(path, Metrics())
-    assert await d.open() == [m[0] for m in MIGRATIONS]
+    assert await d.open() == sorted(m[0] for m in MIGRATIONS)
     await d.add_readings([r(value=42.0)])
     await d.close()
     d = Database(path, Metrics())
@@ -100,7 +100,12 @@ async def test_reopening_applies_pending_migrations_and_keeps_data(tmp_path: Pat
     rows = await ReadingsQuery(d).history("n1")
     assert [x.value for x in rows] == [42.0]
     await d.close()
-    assert current_version(sqlite3.connect(path)) == MIGRATIONS[-1][0]
+    assert current_version(sqlite3.connect(path)) == max(m[0] for m in MIGRATIONS)
+
+
+def test_migrations_are_numbered_1_to_n_without_gaps() -> None:
+    # user_version records only the highest number applied: a gap would be skipped forever
+    assert sorted(m[0] for m in MIGRATIONS) == list(range(1, len(MIGRATIONS) + 1))
 
 
 async def test_refuses_a_database_from_a_newer_siteward(tmp_path: Path) -> None:
