@@ -69,7 +69,9 @@ class Plan:
     sweep_ms: list[float] = field(
         default_factory=lambda: [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 500.0, 1000.0])
     commit_interval_ms: float | None = None  # None: the default of the code under test
-    amqtt_uvloop: bool = True
+    # context figures (mosquitto without its in-flight limit, bare amqtt RSS and on uvloop);
+    # off in --quick, where their keys are null
+    extras: bool = True
     source: str = "worktree"
     # below mosquitto's default max_queued_messages (1000) + max_inflight_messages (20),
     # so a gated run never makes it drop
@@ -78,7 +80,7 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return cls(rounds=1, full_warmup_s=1.0, full_s=2.0, paced_warmup_s=1.0, paced_s=3.0,
-                   sweep_warmup_s=1.0, sweep_s=2.0, sweep_ms=[100.0], amqtt_uvloop=False)
+                   sweep_warmup_s=1.0, sweep_s=2.0, sweep_ms=[100.0], extras=False)
 
 
 class Out:
@@ -742,17 +744,19 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
             rd: dict[str, Any] = {}
             rd["mosquitto"] = timed("mosquitto_full", lambda: reference(
                 "mosquitto", mosquitto_server(work), plan, out))
-            rd["mosquitto_inflight0"] = timed("mosquitto_inflight0_full", lambda: reference(
-                "mosquitto (max_inflight_messages 0)", mosquitto_server(work, True), plan, out))
+            if plan.extras:
+                rd["mosquitto_inflight0"] = timed("mosquitto_inflight0_full", lambda: reference(
+                    "mosquitto (max_inflight_messages 0)", mosquitto_server(work, True), plan, out))
             rd["amqtt"] = timed("amqtt_full", lambda: reference("amqtt", amqtt_server(work), plan, out))
             rd["siteward"] = timed("siteward_full", lambda r=r: siteward_full(
                 gw, site, web_port, plan, out, py_spy=py_spy if r == 0 else None, tag=str(r)))
             rounds.append(rd)
-        out(f"bare amqtt: RSS with {plan.idle_clients} idle connected clients")
-        res["amqtt_rss"] = timed("amqtt_rss", lambda: reference_idle_rss(amqtt_server(work), plan, out))
+        if plan.extras:
+            out(f"bare amqtt: RSS with {plan.idle_clients} idle connected clients")
+            res["amqtt_rss"] = timed("amqtt_rss", lambda: reference_idle_rss(amqtt_server(work), plan, out))
         out("load generator ceiling (mosquitto, no subscriber, ungated)")
         res["ceiling"] = timed("loadgen_ceiling", lambda: loadgen_ceiling(work, plan, out))
-        if plan.amqtt_uvloop:
+        if plan.extras:
             out("extra reference: bare amqtt on uvloop (Siteward runs on uvloop)")
             res["amqtt_uvloop"] = timed("amqtt_uvloop_full", lambda: reference(
                 "amqtt-uvloop", amqtt_server(work, uvloop=True), plan, out))
@@ -790,7 +794,8 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
         "amqtt_bare_msgs_per_s": amqtt_rate,
         "mosquitto_msgs_per_s": _mean(mosq),
         "mosquitto_inflight_unlimited_msgs_per_s": _mean(
-            [rd["mosquitto_inflight0"]["delivered_per_s"] for rd in rounds]),
+            [rd["mosquitto_inflight0"]["delivered_per_s"] for rd in rounds if "mosquitto_inflight0" in rd])
+        if plan.extras else None,
         "durable_vs_amqtt": durable / amqtt_rate if amqtt_rate else float("nan"),
         # each round runs the references right before Siteward, so a per-round ratio is the
         # least disturbed by a neighbour's load coming and going
@@ -810,11 +815,12 @@ def run(plan: Plan, out: Out, work: Path, py_spy: Path | None) -> dict[str, Any]
         "loadgen_cpu_fraction_siteward_full_speed": _mean(
             [rd["siteward"]["loadgen_cpu_fraction"] for rd in rounds]),
         "rss_mb_idle_no_clients": res["rss"]["rss_mb_before_clients"],
-        "amqtt_bare_rss_mb_200_clients": res["amqtt_rss"]["rss_mb_idle_clients"],
-        "amqtt_bare_rss_mb_no_clients": res["amqtt_rss"]["rss_mb_no_clients"],
+        "amqtt_bare_rss_mb_200_clients": res["amqtt_rss"]["rss_mb_idle_clients"] if "amqtt_rss" in res else None,
+        "amqtt_bare_rss_mb_no_clients": res["amqtt_rss"]["rss_mb_no_clients"] if "amqtt_rss" in res else None,
         "rss_mb_after_load": res["rss_after_load_mb"],
         "vmhwm_mb_after_load": res["vmhwm_after_load_mb"],
     }
+    summary["amqtt_bare_uvloop_msgs_per_s"] = summary["durable_vs_amqtt_uvloop"] = None
     if "amqtt_uvloop" in res:
         u = res["amqtt_uvloop"]["delivered_per_s"]
         summary["amqtt_bare_uvloop_msgs_per_s"] = u

@@ -3,20 +3,22 @@
     python -m bench.store_wear [--quick] [--json-only]
 
 No broker, no network: one process replays the commit pattern of N devices x 3 metrics
-publishing at a fixed total rate against Siteward's own schema (created through
-``gateway.store.database.connect`` and ``gateway.store.migrations.apply_migrations``,
-so WAL and ``synchronous=FULL`` are as shipped), in simulated time, and reads its own
-``write_bytes`` from /proc/self/io. The database is first filled with a minute of
-history so every series already owns its own index leaf pages, as on a running site.
+publishing at a fixed total rate, in simulated time, and reads its own ``write_bytes``
+from /proc/self/io. Connections come from ``gateway.store.database.connect`` (WAL and
+``synchronous=FULL`` as Siteward opens them). The readings table of each layout is
+defined here, not taken from the migrations, so a layout keeps meaning the same thing
+while Siteward's schema changes. The database is first filled with a minute of history
+so every series already owns its own index leaf pages, as on a running site.
 
-Layouts compared:
-  shipped        readings(id AUTOINCREMENT, ...) + index (series_id, ts), as migrated
+Layouts compared (readings rows: id, series_id, ts, value, flags, source):
+  indexed        id AUTOINCREMENT + index (series_id, ts): Siteward's layout until
+                 18c5813 (every commit rewrites one index leaf per series it touches)
   no_index       the same without the (series_id, ts) index: what the index costs
   no_index_rowid no index and a plain rowid (no AUTOINCREMENT): what the sqlite_sequence
-                 row, rewritten by every commit, costs
+                 row, rewritten by every commit, costs; the hot path since 18c5813
   staging        each commit appends to an unindexed readings_hot table; every
                  ``--move-s`` simulated seconds one transaction moves those rows into
-                 the indexed readings table (a candidate fix, not Siteward's code)
+                 the indexed table
 """
 
 from __future__ import annotations
@@ -34,27 +36,24 @@ from typing import Any
 
 from bench.ingest import pick_workdir_parent, proc_write_bytes
 
-LAYOUTS = ("shipped", "no_index", "no_index_rowid", "staging")
+LAYOUTS = ("indexed", "no_index", "no_index_rowid", "staging")
+_COLUMNS = ("series_id INTEGER NOT NULL, ts REAL NOT NULL, value REAL NOT NULL,"
+            " flags INTEGER NOT NULL DEFAULT 0, source INTEGER NOT NULL DEFAULT 0")
 INSERT = "INSERT INTO {t} (id, series_id, ts, value, flags, source) VALUES (?, ?, ?, ?, 0, 0)"
 
 
 def _open(path: Path, layout: str) -> sqlite3.Connection:
     from gateway.store.database import connect
-    from gateway.store.migrations import apply_migrations
 
     conn = connect(path)
-    apply_migrations(conn)
-    if layout == "no_index":
-        conn.execute("DROP INDEX readings_series_ts")
-    elif layout == "no_index_rowid":
-        conn.execute("DROP TABLE readings")
-        conn.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL,"
-                     " ts REAL NOT NULL, value REAL NOT NULL, flags INTEGER NOT NULL DEFAULT 0,"
-                     " source INTEGER NOT NULL DEFAULT 0)")
-    elif layout == "staging":
-        conn.execute("CREATE TABLE readings_hot (id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL,"
-                     " ts REAL NOT NULL, value REAL NOT NULL, flags INTEGER NOT NULL DEFAULT 0,"
-                     " source INTEGER NOT NULL DEFAULT 0)")
+    conn.execute("CREATE TABLE series (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, metric TEXT NOT NULL,"
+                 " unit TEXT NOT NULL DEFAULT '', UNIQUE (device_id, metric))")
+    autoinc = " AUTOINCREMENT" if layout in ("indexed", "no_index", "staging") else ""
+    conn.execute(f"CREATE TABLE readings (id INTEGER PRIMARY KEY{autoinc}, {_COLUMNS})")
+    if layout in ("indexed", "staging"):
+        conn.execute("CREATE INDEX readings_series_ts ON readings (series_id, ts)")
+    if layout == "staging":
+        conn.execute(f"CREATE TABLE readings_hot (id INTEGER PRIMARY KEY, {_COLUMNS})")
     return conn
 
 
