@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from pydantic import ValidationError
@@ -61,6 +61,17 @@ class Timekeeper:
         return now, flags | int(TimeFlag.TS_REPLACED)
 
 
+class ReadingsObserver(Protocol):
+    """Told about every batch of readings right after it is committed (ids and readings in order).
+
+    Called synchronously on the ingest path, so it must be quick and must not block: do the
+    cheap part inline and hand anything slow to a task of its own. Unlike the live bus
+    (which drops updates for slow viewers), observers see every committed reading.
+    """
+
+    def __call__(self, ids: list[int], readings: list[Reading], /) -> None: ...
+
+
 class Ingest:
     def __init__(self, *, db: Database, profiles: ProfileSet, registry: DeviceRegistry, commander: Commander,
                  events: EventLog, bus: LiveBus, metrics: Metrics, timekeeper: Timekeeper,
@@ -77,8 +88,16 @@ class Ingest:
         self._burst = BurstLogger(log)
         self._msg_counter = {s: metrics.messages_in.labels(source=s.value) for s in Source}
         self._rejected: dict[str, Any] = {}
+        self._observers: list[ReadingsObserver] = []
         # the OTA service listens here: (device, status payload) of every valid OTA status message
         self.ota_observers: list[Callable[[str, dict[str, Any]], Awaitable[None]]] = []
+
+    def add_observer(self, fn: ReadingsObserver) -> None:
+        """Have ``fn`` see every committed reading (the rules engine does); see :class:`ReadingsObserver`."""
+        self._observers.append(fn)
+
+    def remove_observer(self, fn: ReadingsObserver) -> None:
+        self._observers.remove(fn)
 
     # -- sources ----------------------------------------------------------------------------
     async def on_mqtt(self, principal_device: str | None, topic: str, payload: bytes) -> list[int]:
@@ -147,6 +166,14 @@ class Ingest:
             fut, readings = pending
             ids = list(await fut)
             self.registry.note_values(p.device, p.values, readings[0].ts)
+            for observe in self._observers:
+                try:
+                    observe(ids, readings)
+                except Exception as exc:
+                    # the readings are committed: an observer's bug must not turn into a
+                    # refused message (the device would resend what is already stored)
+                    self._burst.warning("observer_failed", "ingest.observer_failed",
+                                        observer=getattr(observe, "__qualname__", "?"), error=repr(exc))
             if self.bus.subscriber_count:
                 self.bus.publish_many([
                     {"type": "reading", "id": rid, "device": r.device, "metric": r.metric, "value": r.value,
