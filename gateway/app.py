@@ -31,6 +31,7 @@ from gateway.ingest.pipeline import Ingest, Timekeeper
 from gateway.ingest.profiles import load_profiles
 from gateway.metrics import Metrics
 from gateway.ota.service import OtaService
+from gateway.rules.service import Rules
 from gateway.settings import Settings
 from gateway.store.database import Database
 from gateway.store.events import EventLog
@@ -85,6 +86,12 @@ class Gateway:
                                    allow_anonymous=settings.broker.allow_anonymous)
         self.supervisor = Supervisor(self.metrics)
         self.health = Health(self)
+        # local alerts, automations and schedules: registers itself as an observer of ingest
+        # (every committed reading) and of the registry (every online/offline transition)
+        self.rules = Rules(cfg=settings.rules, timezone=settings.gateway.timezone, gateway_id=settings.gateway.id,
+                           db=self.db, registry=self.registry, ingest=self.ingest, commander=self.commander,
+                           events=self.events, outbox=self.outbox, profiles=self.profiles, metrics=self.metrics,
+                           clock=self.clock, health_snapshot=self.health.snapshot)
         self.ca = GatewayCA(settings.data_dir / "tls", settings.gateway.id)
         self.ota = OtaService(self)
         self.ble = BleService(self)
@@ -121,6 +128,7 @@ class Gateway:
         await self.credentials.load()
         await self.commander.load()
         await self.maintenance.load()
+        await self.rules.load()  # before the broker starts: open alerts are known before any reading
         # readings of this boot stamped by an unsynchronised clock can be corrected at sync
         self.maintenance.first_boot_id = self.db._next_id
         self.metrics.clock_synced.set(1 if self.clock_monitor.synced else 0)
@@ -150,6 +158,8 @@ class Gateway:
         sup.start("store.checkpoint", lambda: self.db.run_checkpoints(CHECKPOINT_INTERVAL_S, WAL_TRUNCATE_BYTES))
         sup.start("clock.monitor", self.clock_monitor.run)
         sup.start("broker.stats", self._broker_stats_loop)
+        self.rules.start(sup)
+        self.health.register("rules", self.rules.health)
         await self.ota.start()
 
         await self._start_ble()
@@ -193,6 +203,7 @@ class Gateway:
         if self.broker is not None:
             await self.broker.stop()
         await self.supervisor.stop()
+        await self.rules.close()
         with contextlib.suppress(Exception):
             await self.registry.flush_last_seen()
         await self.db.close()

@@ -50,6 +50,21 @@ class Metrics:
         )
         self.clock_synced = Gauge("siteward_clock_synchronised", "1 when the wall clock is synced", registry=r)
         self.broker_stat = Gauge("siteward_broker", "Embedded broker statistics", ["stat"], registry=r)
+        # rules (gateway/rules)
+        self.rules_loaded = Gauge("siteward_rules", "Alert rules in force, by kind", ["kind"], registry=r)
+        self.alerts_open = Gauge("siteward_alerts_open", "Open (active or acknowledged) alerts, by severity",
+                                 ["severity"], registry=r)
+        self.alert_transitions = Counter("siteward_alert_transitions", "Alert transitions, by transition and severity",
+                                         ["transition", "severity"], registry=r)
+        self.automation_runs = Counter("siteward_automation_runs", "Automation and schedule commands, by outcome",
+                                       ["origin", "state"], registry=r)
+        self.schedule_occurrences = Counter("siteward_schedule_occurrences",
+                                            "Schedule occurrences, by outcome (run, superseded, overridden)",
+                                            ["outcome"], registry=r)
+        self.webhook_deliveries = Counter("siteward_webhook_deliveries", "Local webhook deliveries, by result",
+                                          ["result"], registry=r)
+        self.rules_errors = Counter("siteward_rules_errors", "Failures inside the rules engine, by where",
+                                    ["where"], registry=r)
 
         # BLE (gateway/ble)
         self.ble_adverts = Counter("siteward_ble_adverts", "BLE advertisements, by outcome (received, rejected, "

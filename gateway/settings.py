@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.rules.models import RulesConfig
+
 ENV_PREFIX = "SITEWARD_"
 CONFIG_ENV = "SITEWARD_CONFIG"
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("siteward_toml", default=None)
@@ -164,6 +166,10 @@ class OtaSection(_Section):
     esptool: list[str] | None = None
 
 
+class RulesSection(RulesConfig):
+    """``[rules]``: local alerts, automations and schedules; the format is in docs/rules.md."""
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
         super().__init__(settings_cls)
@@ -196,6 +202,7 @@ class Settings(BaseSettings):
     cloud: CloudSection = CloudSection()
     ota: OtaSection = OtaSection()
     ble: BleSection = BleSection()
+    rules: RulesSection = RulesSection()
 
     @field_validator("gateway")
     @classmethod

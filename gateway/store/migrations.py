@@ -238,6 +238,91 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX ota_history_campaign ON ota_history (campaign_id, id);
         """,
     ),
+    (
+        5,
+        "rules: alert rules, schedules and groups made through the API; alerts; schedule state; automation runs",
+        """
+        -- gateway/rules owns these. Rules, schedules and groups of the config file are not
+        -- stored: the file stays their one source. spec is the validated JSON.
+        CREATE TABLE alert_rules (
+            id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            updated_by TEXT NOT NULL
+        );
+
+        CREATE TABLE schedules (
+            id TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            updated_by TEXT NOT NULL
+        );
+
+        CREATE TABLE rule_groups (
+            name TEXT PRIMARY KEY,
+            devices TEXT NOT NULL DEFAULT '[]',
+            updated_at REAL NOT NULL,
+            updated_by TEXT NOT NULL
+        );
+
+        -- raised -> acknowledged -> cleared; device_id is '' for gateway-level alerts
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rule_id TEXT NOT NULL,
+            device_id TEXT NOT NULL DEFAULT '',
+            kind TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'acknowledged', 'cleared')),
+            message TEXT NOT NULL,
+            value REAL,
+            raised_at REAL NOT NULL,
+            acked_at REAL,
+            acked_by TEXT,
+            cleared_at REAL,
+            clear_reason TEXT,
+            clear_value REAL,
+            data TEXT NOT NULL DEFAULT '{}'
+        );
+        -- one open alert per rule and device: the database itself refuses a duplicate
+        CREATE UNIQUE INDEX alerts_open ON alerts (rule_id, device_id) WHERE state != 'cleared';
+        CREATE INDEX alerts_device ON alerts (device_id, id);
+        CREATE INDEX alerts_rule ON alerts (rule_id, id);
+
+        -- per schedule: the wall time up to which its occurrences have been dealt with
+        -- (nothing at or before it runs again) and the override in force, if any
+        CREATE TABLE schedule_state (
+            schedule_id TEXT PRIMARY KEY,
+            high_water REAL NOT NULL,
+            override TEXT,
+            updated_at REAL NOT NULL
+        );
+
+        -- every command an alert rule or a schedule decided to send, and what became of it;
+        -- 'pending' rows are the durable to-do list (written together with the decision)
+        CREATE TABLE automation_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            origin TEXT NOT NULL CHECK (origin IN ('rule', 'schedule')),
+            origin_id TEXT NOT NULL,
+            action_key TEXT NOT NULL,
+            alert_id INTEGER,
+            trigger TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            command TEXT NOT NULL,
+            args TEXT NOT NULL DEFAULT '{}',
+            timeout_s REAL,
+            state TEXT NOT NULL,
+            command_id TEXT,
+            detail TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX automation_runs_open ON automation_runs (state) WHERE state IN ('pending', 'sent');
+        CREATE INDEX automation_runs_origin ON automation_runs (origin, origin_id, id);
+        CREATE INDEX automation_runs_created ON automation_runs (created_at);
+        """,
+    ),
 ]
 
 
