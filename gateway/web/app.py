@@ -28,6 +28,7 @@ from gateway.web.views import (
     ingest,
     live,
     pages,
+    rules,
     session,
     tokens,
     users,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-VIEWS = (health, session, pages, devices, commands, ingest, live, users, tokens, audit, ble)
+VIEWS = (health, session, pages, devices, commands, ingest, live, users, tokens, audit, ble, rules)
 
 SESSION_PURGE_INTERVAL_S = 3600.0
 # JSON bodies are small; HTTP ingest reads its own body under broker.max_payload_bytes

@@ -31,10 +31,15 @@ ACTIONS: dict[str, str] = {
     "audit.read": "read the audit trail",
     "tokens.own": "create, list and revoke one's own API tokens",
     "users.admin": "manage users and everyone's API tokens",
+    "rules.read": "see alert rules, alerts and their history, schedules, groups and automation results",
+    "rules.write": "create, change and delete alert rules, schedules and groups; override schedules",
+    "alerts.ack": "acknowledge alerts",
 }
 
-_VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read"})
-_TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own"}
+_VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read",
+                     "rules.read"})
+_TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own",
+                         "rules.write", "alerts.ack"}
 _ADMIN = _TECHNICIAN | {"users.admin"}
 
 ROLE_ACTIONS: dict[Role, frozenset[str]] = {
