@@ -7,6 +7,7 @@ the live bus.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from typing import Any
 
@@ -23,14 +24,23 @@ class EventLog:
     async def record(self, kind: str, device: str | None = None, data: dict[str, Any] | None = None,
                      ts: float | None = None) -> int:
         ts = time.time() if ts is None else ts
+        eid = await self._db.write(lambda c: self.insert(c, kind, device, data, ts))
+        self.announce(eid, kind, device, data, ts)
+        return eid
+
+    @staticmethod
+    def insert(c: sqlite3.Connection, kind: str, device: str | None, data: dict[str, Any] | None,
+               ts: float) -> int:
+        """Write an event inside a caller's write (one commit with the change it reports)."""
         body = json.dumps(data or {}, separators=(",", ":"), default=str)
-        eid = await self._db.write(
-            lambda c: c.execute("INSERT INTO events (ts, device_id, kind, data) VALUES (?, ?, ?, ?)",
-                                (ts, device, kind, body)).lastrowid
-        )
+        cur = c.execute("INSERT INTO events (ts, device_id, kind, data) VALUES (?, ?, ?, ?)",
+                        (ts, device, kind, body))
+        return int(cur.lastrowid or 0)
+
+    def announce(self, eid: int, kind: str, device: str | None, data: dict[str, Any] | None, ts: float) -> None:
+        """Tell live viewers, once the event is committed."""
         self._bus.publish({"type": "event", "id": eid, "ts": ts, "device": device, "kind": kind,
                            "data": data or {}})
-        return int(eid or 0)
 
     async def query(self, device: str | None = None, kind: str | None = None, since: float | None = None,
                     limit: int = 200) -> list[Event]:

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.devices.credentials import Credentials
 from gateway.metrics import Metrics
 from gateway.store.database import Database
@@ -87,6 +89,7 @@ async def _flood(port: int, dev: str, pw: str, acked: list[int], stop: asyncio.E
         c.close()
 
 
+@pytest.mark.timeout(300)  # two gateway starts; slow when the machine is shared
 async def test_kill_9_during_qos1_flood_loses_nothing_acknowledged(tmp_path: Path) -> None:
     mqtt, web = _free_port(), _free_port()
     cfg = _config(tmp_path, mqtt, web)
