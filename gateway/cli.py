@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="store maintenance")
     dbsub = db.add_subparsers(dest="action", required=True)
     dbsub.add_parser("check", help="SQLite integrity check")
+    from gateway.ota.nodecli import add_parser as add_node_parser
+
+    add_node_parser(sub)
     return p
 
 
@@ -222,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_device(args)
     if args.cmd == "db":
         return cmd_db_check(args)
+    if args.cmd == "node":
+        from gateway.ota import nodecli
+
+        settings = _settings(args)
+        configure_logging(settings.logging)
+        return nodecli.cmd_flash(args, settings) if args.action == "flash" else nodecli.cmd_provision(args, settings)
     return 2
 
 

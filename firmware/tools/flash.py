@@ -120,15 +120,20 @@ def plan(path: Path, *, offset: int | None = None, chip: str | None = None) -> F
 
 def esptool_command(port: str, path: Path, fp: FlashPlan, *, erase: bool = False, baud: int | None = None,
                     esptool: list[str] | None = None, before: str = "default-reset",
-                    connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS) -> list[str]:
+                    connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS, stub: bool = True,
+                    compress: bool = True) -> list[str]:
     cmd = list(esptool or [sys.executable, "-m", "esptool"])
     cmd += ["--chip", fp.chip, "--port", port, "--before", before, "--after", "hard-reset",
             "--connect-attempts", str(connect_attempts)]
     if baud is not None:
         cmd += ["--baud", str(baud)]
+    if not stub:
+        cmd += ["--no-stub"]  # the ROM loader alone: slower, for boards where the stub will not start
     cmd += ["write-flash"]
     if erase:
         cmd += ["--erase-all"]
+    if not compress:
+        cmd += ["--no-compress"]
     cmd += [f"0x{fp.offset:x}", str(path)]
     return cmd
 
@@ -232,10 +237,11 @@ async def run_esptool(cmd: list[str], *, port: str, on_progress: Progress | None
 
 async def flash(port: str, path: Path, *, erase: bool = False, offset: int | None = None, chip: str | None = None,
                 baud: int | None = None, esptool: list[str] | None = None, before: str = "default-reset",
-                connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS, on_progress: Progress | None = None) -> FlashPlan:
+                connect_attempts: int = DEFAULT_CONNECT_ATTEMPTS, on_progress: Progress | None = None,
+                stub: bool = True, compress: bool = True) -> FlashPlan:
     fp = await asyncio.to_thread(plan, path, offset=offset, chip=chip)
     cmd = esptool_command(port, path, fp, erase=erase, baud=baud, esptool=esptool, before=before,
-                          connect_attempts=connect_attempts)
+                          connect_attempts=connect_attempts, stub=stub, compress=compress)
     fp.args = cmd
     await run_esptool(cmd, port=port, on_progress=on_progress)
     return fp

@@ -11,6 +11,7 @@ same directory, as the chip would boot again; any other exit ends the node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -119,3 +120,55 @@ class MicroNode:
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+class ReplPort:
+    """A board running MicroPython's REPL behind a USB-serial port: the unix port's REPL on one pty
+    (set raw, so Ctrl-A/Ctrl-D reach the REPL unchanged), bridged to a second pty whose device
+    path tools such as mpremote open, as they would /dev/ttyUSB0. The REPL runs in the node's
+    directory with the shims, so ``machine.reset()`` ends it with the reboot exit code."""
+
+    def __init__(self, root: Path) -> None:
+        import pty
+        import tty
+
+        self.root = root
+        self._ma, self._sa = pty.openpty()
+        tty.setraw(self._sa)
+        self._mb, self._sb = pty.openpty()
+        tty.setraw(self._sb)
+        self.port = os.ttyname(self._sb)
+        env = {**os.environ, "MICROPYPATH": str(SHIMS)}
+        self.proc = subprocess.Popen([micropython_binary()], cwd=root, env=env, stdin=self._sa, stdout=self._sa,
+                                     stderr=self._sa)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._bridge, daemon=True)
+        self._thread.start()
+
+    def _bridge(self) -> None:
+        import select
+
+        while not self._stop.is_set():
+            r, _, _ = select.select([self._ma, self._mb], [], [], 0.1)
+            for fd in r:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    return
+                os.write(self._mb if fd == self._ma else self._ma, data)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(timeout=2)
+        for fd in (self._ma, self._sa, self._mb, self._sb):
+            with contextlib.suppress(OSError):
+                os.close(fd)
