@@ -4,5 +4,6 @@
 source "$(dirname "$0")/_env.sh"
 apt_install ca-certificates
 ensure_venv test
+bash "$ROOT/scripts/frontend.sh"
 cd "$ROOT"
 exec "$VENV/bin/siteward" run "$@"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start, command 2: install what the tests need and run the whole suite.
 source "$(dirname "$0")/_env.sh"
-apt_install mosquitto sqlite3 ca-certificates dbus libdbus-1-dev libglib2.0-dev pkg-config gcc
+apt_install mosquitto sqlite3 ca-certificates dbus libdbus-1-dev libglib2.0-dev pkg-config gcc chromium nodejs npm
 ensure_venv test
+bash "$ROOT/scripts/frontend.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check .
 set +e

@@ -1,8 +1,9 @@
 """The one place that composes the web application: middlewares, state, page families.
 
-A new page family (BLE, sync, rules, OTA, the technician UI of issue 5) is a module in
-``views/`` with a ``routes`` table, added to :data:`VIEWS`; its actions go into
-``permissions.ACTIONS``. Nothing else needs to know about it.
+A new API family (BLE, sync, rules, OTA) is a module in ``views/`` with a ``routes``
+table, added to :data:`VIEWS`; its actions go into ``permissions.ACTIONS``. The
+technician UI's pages are modules in ``pages/`` (``PAGES``), one per page family.
+Nothing else needs to know about either.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from aiohttp import web
 from gateway.auth.service import AuthService
 from gateway.web.keys import AUTH, GATEWAY, STATE
 from gateway.web.middlewares import WebState, auth_middleware, error_middleware, security_headers
+from gateway.web.pages import PAGES
 from gateway.web.views import (
+    apidoc,
     audit,
     ble,
     commands,
     devices,
     health,
+    history,
     ingest,
     live,
-    pages,
+    overview,
     rules,
     session,
     tokens,
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-VIEWS = (health, session, pages, devices, commands, ingest, live, users, tokens, audit, ble, rules)
+VIEWS = (health, session, overview, history, apidoc, devices, commands, ingest, live, users, tokens, audit, ble, rules)
 
 SESSION_PURGE_INTERVAL_S = 3600.0
 # JSON bodies are small; HTTP ingest reads its own body under broker.max_payload_bytes
@@ -55,7 +59,7 @@ def build_web_app(gw: Gateway, *, auth: AuthService | None = None) -> web.Applic
     app[GATEWAY] = gw
     app[AUTH] = auth or AuthService(gw.db, gw.settings.web)
     app[STATE] = WebState(gw.db)
-    for view in VIEWS:
+    for view in (*VIEWS, *PAGES):
         app.add_routes(view.routes)
     app.router.add_static("/static/", STATIC, name="static", append_version=False)
     app.on_response_prepare.append(security_headers)
