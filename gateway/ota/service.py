@@ -132,6 +132,12 @@ class OtaError(Exception):
         self.status = status
 
 
+def make_download_token(secret: bytes, device: str, sha256: str, expires: int) -> str:
+    """The token in a node's download URL: HMAC-SHA256 over device, image and expiry, 144 bits."""
+    mac = hmac.new(secret, f"{device}\n{sha256}\n{expires}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:18]).decode()
+
+
 class OtaService:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -455,8 +461,7 @@ class OtaService:
 
     # -- downloads ----------------------------------------------------------------------------------------
     def download_token(self, device: str, sha256: str, expires: int) -> str:
-        mac = hmac.new(self._download_secret, f"{device}\n{sha256}\n{expires}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac[:18]).decode()
+        return make_download_token(self._download_secret, device, sha256, expires)
 
     def download_url(self, device: str, sha256: str) -> str:
         exp = int(time.time() + self.cfg.download_token_ttl_s)
