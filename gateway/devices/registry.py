@@ -118,20 +118,17 @@ class DeviceRegistry:
         now = time.time() if ts is None else ts
         dev = self._devices.get(device_id)
         if dev is None:
-            dev = await self._create(device_id, profile=profile, kind=kind, via=via)
+            dev = await self._create(device_id, profile=profile, kind=kind, via=via, online_at=now)
         if not dev.online:
-            dev = self._set(device_id, online=True, last_seen=now)
-            self._notify_online(device_id, True, "message", now)
-            await self._persist(device_id, online=1, last_seen=now)
-            await self._events.record("device.online", device_id, {"reason": "message"})
-            self._update_gauges()
+            await self.set_online(device_id, True, "message", ts=now)
+            dev = self._devices[device_id]
         else:
             dev.__dict__["last_seen"] = now  # hot path: no copy per message
             self._dirty_seen.add(device_id)
         return dev
 
     async def _create(self, device_id: str, *, profile: str, kind: str, via: str | None,
-                      state: DeviceState | None = None) -> Device:
+                      state: DeviceState | None = None, online_at: float | None = None) -> Device:
         pending = self._creating.get(device_id)
         if pending is not None:  # two messages of a new device racing: register once
             return await pending
@@ -141,20 +138,32 @@ class DeviceRegistry:
             now = time.time()
             st = state or (DeviceState.DISCOVERED if self.require_adoption else DeviceState.ADOPTED)
             attrs = {"via": via} if via else {}
+            online = online_at is not None
             dev = Device(id=device_id, kind=kind, profile=profile, state=st, created_at=now,
-                         attributes=attrs)
+                         attributes=attrs, online=online, last_seen=online_at)
+            found = {"profile": profile, "state": st.value}
+            came = {"reason": "message"}
 
-            def insert(c: sqlite3.Connection) -> None:
+            # one commit for the row and its events: a new device's first message waits for
+            # this, and so do the messages queued behind it on the same connection
+            def insert(c: sqlite3.Connection) -> tuple[int, int | None]:
                 c.execute(
-                    "INSERT OR IGNORE INTO devices (id, kind, profile, state, created_at, attributes)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (device_id, kind, profile, st.value, now, json.dumps(attrs)),
+                    "INSERT OR IGNORE INTO devices (id, kind, profile, state, created_at, attributes, online,"
+                    " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (device_id, kind, profile, st.value, now, json.dumps(attrs), int(online), online_at),
                 )
+                first = EventLog.insert(c, "device.discovered", device_id, found, now)
+                return first, EventLog.insert(c, "device.online", device_id, came, now) if online else None
 
-            await self._db.write(insert)
+            discovered_id, online_id = await self._db.write(insert)
             self._devices[device_id] = dev
-            await self._events.record("device.discovered", device_id, {"profile": profile, "state": st.value})
-            self._bus.publish({"type": "device", "device": device_id, "state": st.value, "online": False})
+            self._events.announce(discovered_id, "device.discovered", device_id, found, now)
+            self._bus.publish({"type": "device", "device": device_id, "state": st.value, "online": online})
+            if online_id is not None:
+                assert online_at is not None
+                self._notify_online(device_id, True, "message", online_at)
+                self._events.announce(online_id, "device.online", device_id, came, now)
+                self._update_gauges()
             fut.set_result(dev)
             return dev
         except BaseException as exc:
@@ -208,15 +217,22 @@ class DeviceRegistry:
         self._set(device_id, **changes)
         await self._persist(device_id, **{k: (json.dumps(v) if k == "attributes" else v) for k, v in changes.items()})
 
-    async def set_online(self, device_id: str, online: bool, reason: str) -> None:
+    async def set_online(self, device_id: str, online: bool, reason: str, ts: float | None = None) -> None:
         dev = self._devices.get(device_id)
         if dev is None or dev.online == online:
             return
-        now = time.time()
-        self._set(device_id, online=online, last_seen=now if online else dev.last_seen)
+        now = time.time() if ts is None else ts
+        seen = now if online else dev.last_seen
+        self._set(device_id, online=online, last_seen=seen)
         self._notify_online(device_id, online, reason, now)
-        await self._persist(device_id, online=int(online), last_seen=now if online else dev.last_seen)
-        await self._events.record("device.online" if online else "device.offline", device_id, {"reason": reason})
+        kind, data = ("device.online" if online else "device.offline"), {"reason": reason}
+
+        def persist(c: sqlite3.Connection) -> int:  # the state and its event in one commit
+            c.execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?", (int(online), seen, device_id))
+            return EventLog.insert(c, kind, device_id, data, now)
+
+        eid = await self._db.write(persist)
+        self._events.announce(eid, kind, device_id, data, now)
         self._bus.publish({"type": "device", "device": device_id, "online": online, "reason": reason})
         self._update_gauges()
 
