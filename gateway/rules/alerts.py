@@ -4,11 +4,11 @@ Owns the ``alerts`` table. The unique index ``alerts_open`` lets the database it
 refuse a second open alert for the same rule and device, so neither a restart nor a race
 can raise a duplicate: :meth:`AlertStore.raise_` then returns the alert already open.
 
-Every transition is recorded through :class:`~gateway.store.events.EventLog`
-(``alert.raised``, ``alert.acknowledged``, ``alert.cleared``), which is what the cloud
-sync's events lane sends upstream and what live viewers see. The event is written right
-after the alert row; should the process die between the two commits, :meth:`reconcile`
-records the missing event at the next start, with the transition's own time.
+Every transition is an event (``alert.raised``, ``alert.acknowledged``,
+``alert.cleared``), which is what the cloud sync's events lane sends upstream and what
+live viewers see. The event is written with :meth:`EventLog.insert` inside the same
+transaction as the alert row: the two commit together or not at all, so the cloud never
+misses a transition the gateway shows, nor hears of one it does not.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from gateway.store.events import EventLog
 log = structlog.get_logger(__name__)
 
 AlertState = Literal["active", "acknowledged", "cleared"]
-# how far back reconcile() looks for transitions whose event may be missing
-RECONCILE_WINDOW_S = 86400.0
 
 _COLS = ("id, rule_id, device_id, kind, severity, state, message, value, raised_at, acked_at, acked_by, "
          "cleared_at, clear_reason, clear_value, data")
@@ -82,6 +80,12 @@ class AlertConflict(AlertError):
     """The transition does not apply to the alert's current state (already acknowledged, cleared)."""
 
 
+def _with_event(c: sqlite3.Connection, alert_id: int, transition: str, ts: float) -> tuple[Alert, int]:
+    """Read the alert back and write its transition's event, inside the caller's transaction."""
+    alert = _row(c.execute(f"SELECT {_COLS} FROM alerts WHERE id = ?", (alert_id,)).fetchone())
+    return alert, EventLog.insert(c, f"alert.{transition}", alert.device, alert.event_data(transition), ts)
+
+
 def _row(r: sqlite3.Row | Sequence[Any]) -> Alert:
     return Alert(id=r[0], rule_id=r[1], device=r[2] or None, kind=r[3], severity=r[4], state=r[5], message=r[6],
                  value=r[7], raised_at=r[8], acked_at=r[9], acked_by=r[10], cleared_at=r[11], clear_reason=r[12],
@@ -102,7 +106,7 @@ class AlertStore:
         now = time.time() if ts is None else ts
         body = json.dumps(data or {}, separators=(",", ":"), default=str)
 
-        def insert(c: sqlite3.Connection) -> tuple[Any, bool]:
+        def insert(c: sqlite3.Connection) -> tuple[Alert, int | None]:
             try:
                 cur = c.execute(
                     "INSERT INTO alerts (rule_id, device_id, kind, severity, state, message, value, raised_at, data)"
@@ -111,14 +115,14 @@ class AlertStore:
             except sqlite3.IntegrityError:
                 row = c.execute(f"SELECT {_COLS} FROM alerts WHERE rule_id = ? AND device_id = ?"
                                 " AND state != 'cleared'", (rule_id, device or "")).fetchone()
-                return row, False
-            return c.execute(f"SELECT {_COLS} FROM alerts WHERE id = ?", (cur.lastrowid,)).fetchone(), True
+                return _row(row), None
+            return _with_event(c, int(cur.lastrowid or 0), "raised", now)
 
-        row, created = await self._db.write(insert)
-        alert = _row(row)
-        if created:
+        alert, eid = await self._db.write(insert)
+        created = eid is not None
+        if eid is not None:
             self._metrics.alert_transitions.labels(transition="raised", severity=severity).inc()
-            await self._events.record("alert.raised", alert.device, alert.event_data("raised"), ts=now)
+            self._events.announce(eid, "alert.raised", alert.device, alert.event_data("raised"), now)
             log.warning("alert.raised", alert_id=alert.id, rule=rule_id, device=device, severity=severity,
                         message=message)
         return alert, created
@@ -127,23 +131,25 @@ class AlertStore:
         """``by`` acknowledges the alert; with ``audit``, the audit entry commits together with it."""
         now = time.time()
 
-        def ack(c: sqlite3.Connection) -> tuple[Any, bool]:
+        def ack(c: sqlite3.Connection) -> tuple[Alert | None, int | None]:
             cur = c.execute("UPDATE alerts SET state = 'acknowledged', acked_at = ?, acked_by = ?"
                             " WHERE id = ? AND state = 'active'", (now, by, alert_id))
-            if cur.rowcount == 1 and audit is not None:
-                Audit.insert(c, by, "alert.acknowledge", str(alert_id), audit)
-            return c.execute(f"SELECT {_COLS} FROM alerts WHERE id = ?", (alert_id,)).fetchone(), cur.rowcount == 1
+            if cur.rowcount == 1:
+                if audit is not None:
+                    Audit.insert(c, by, "alert.acknowledge", str(alert_id), audit)
+                return _with_event(c, alert_id, "acknowledged", now)
+            row = c.execute(f"SELECT {_COLS} FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            return (_row(row) if row else None), None
 
-        row, changed = await self._db.write(ack)
-        if row is None:
+        alert, eid = await self._db.write(ack)
+        if alert is None:
             raise AlertNotFound(f"no alert {alert_id}")
-        alert = _row(row)
-        if not changed:
+        if eid is None:
             if alert.state == "cleared":
                 raise AlertConflict(f"alert {alert_id} is already cleared")
             raise AlertConflict(f"alert {alert_id} was already acknowledged by {alert.acked_by}")
         self._metrics.alert_transitions.labels(transition="acknowledged", severity=alert.severity).inc()
-        await self._events.record("alert.acknowledged", alert.device, alert.event_data("acknowledged"), ts=now)
+        self._events.announce(eid, "alert.acknowledged", alert.device, alert.event_data("acknowledged"), now)
         log.info("alert.acknowledged", alert_id=alert_id, by=by)
         return alert
 
@@ -151,48 +157,21 @@ class AlertStore:
         """Clear an open alert; None if it was not open (nothing happens then)."""
         now = time.time()
 
-        def clear(c: sqlite3.Connection) -> Any:
+        def clear(c: sqlite3.Connection) -> tuple[Alert, int] | None:
             cur = c.execute("UPDATE alerts SET state = 'cleared', cleared_at = ?, clear_reason = ?, clear_value = ?"
                             " WHERE id = ? AND state != 'cleared'", (now, reason, value, alert_id))
             if cur.rowcount == 0:
                 return None
-            return c.execute(f"SELECT {_COLS} FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            return _with_event(c, alert_id, "cleared", now)
 
-        row = await self._db.write(clear)
-        if row is None:
+        done = await self._db.write(clear)
+        if done is None:
             return None
-        alert = _row(row)
+        alert, eid = done
         self._metrics.alert_transitions.labels(transition="cleared", severity=alert.severity).inc()
-        await self._events.record("alert.cleared", alert.device, alert.event_data("cleared"), ts=now)
+        self._events.announce(eid, "alert.cleared", alert.device, alert.event_data("cleared"), now)
         log.info("alert.cleared", alert_id=alert_id, rule=alert.rule_id, device=alert.device, reason=reason)
         return alert
-
-    # -- after a restart --------------------------------------------------------------------------
-    async def reconcile(self, now: float | None = None) -> int:
-        """Record the event of any recent transition whose event did not make it to the store."""
-        now = time.time() if now is None else now
-        since = now - RECONCILE_WINDOW_S
-        rows = await self._db.fetchall(
-            f"SELECT {_COLS} FROM alerts WHERE raised_at >= ? OR acked_at >= ? OR cleared_at >= ?",
-            (since, since, since))
-        if not rows:
-            return 0
-        seen: set[tuple[str, int]] = set()
-        for kind in ("alert.raised", "alert.acknowledged", "alert.cleared"):
-            for ev in await self._events.query(kind=kind, since=since - 60, limit=100_000):
-                aid = ev.data.get("alert_id")
-                if isinstance(aid, int):
-                    seen.add((kind, aid))
-        added = 0
-        for r in rows:
-            a = _row(r)
-            for transition, at in (("raised", a.raised_at), ("acknowledged", a.acked_at), ("cleared", a.cleared_at)):
-                if at is not None and at >= since and (f"alert.{transition}", a.id) not in seen:
-                    await self._events.record(f"alert.{transition}", a.device, a.event_data(transition), ts=at)
-                    added += 1
-        if added:
-            log.warning("alerts.events_reconciled", added=added)
-        return added
 
     # -- reading ------------------------------------------------------------------------------------
     async def open_alerts(self) -> list[Alert]:

@@ -99,7 +99,6 @@ class Rules:
         self._api_schedules = {s.id: s for s in schedules if s.id not in self._config_schedules}
         self._api_groups = {k: v for k, v in groups.items() if k not in self.cfg.groups}
         self._apply()
-        await self.alerts.reconcile()
         await self.engine.load()
         await self.actuator.load()
         await self.scheduler.load()

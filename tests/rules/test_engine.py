@@ -205,14 +205,21 @@ async def test_acknowledge_records_who_and_is_an_event(open_site) -> None:
         assert cleared.state == "cleared" and cleared.acked_by == "maria"
 
 
-async def test_a_missing_transition_event_is_recorded_at_the_next_start(open_site) -> None:
+async def test_an_alert_and_its_event_commit_together(open_site) -> None:
     async with open_site(threshold=[threshold(above=5)]) as site:
-        await site.send("fr-1", temperature=9)
-        # as if the process had died between the alert's commit and its event's
-        await site.db.write(lambda c: c.execute("DELETE FROM events WHERE kind = 'alert.raised'"))
-    async with open_site(threshold=[threshold(above=5)]) as site:
-        raised = await site.events_of("alert.raised")
-        assert len(raised) == 1 and raised[0].data["alert_id"] == (await site.alerts())[0].id
+        await site.send("fr-1", temperature=1)
+        # a store in which the events table refuses writes: the alert must not appear alone
+        await site.db.write(lambda c: c.execute(
+            "CREATE TRIGGER no_events BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'events full'); END"))
+        await site.ingest.ingest_values("fr-1", [("temperature", 9.0, "")], source=Source.SIMULATOR,
+                                        profile="native")
+        with pytest.raises(Exception, match="events full"):
+            await site.rules.engine.flush()
+        assert await site.alerts() == []
+        await site.db.write(lambda c: c.execute("DROP TRIGGER no_events"))
+        await site.rules.engine.flush()  # the decision was kept: persisted now, with its event
+        alerts, raised = await site.alerts(), await site.events_of("alert.raised")
+        assert len(alerts) == 1 and [e.data["alert_id"] for e in raised] == [alerts[0].id]
 
 
 async def test_a_failing_observer_does_not_disturb_ingest(open_site) -> None:
