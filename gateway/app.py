@@ -98,6 +98,8 @@ class Gateway:
         self.broker: EmbeddedBroker | ExternalBroker | None = None
         self.audit = Audit(self.db)
         self.setup_code: str | None = None
+        # what first boot found wrong with the boot-partition config (gateway.firstboot); shown on /setup
+        self.setup_error: str | None = None
         self.web_port: int | None = None
         self._runner: web.AppRunner | None = None
         self._extra_stops: list[Any] = []
@@ -124,6 +126,10 @@ class Gateway:
         st = self.settings
         st.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.open()
+        if self.db.salvage_report is not None:  # a corrupt file was set aside: say so until restart
+            salvaged = self.db.salvage_report.as_dict()
+            self.health.register("store_salvage", lambda: {"ok": False, **salvaged})
+            await self.events.record("store.salvaged", None, salvaged)
         await self.registry.load()
         await self.credentials.load()
         await self.commander.load()

@@ -47,20 +47,26 @@ def _install_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(settings: Settings, simulate: int) -> None:
+async def _serve(settings: Settings, simulate: int, production: bool = False) -> None:
+    from gateway import systemd_notify
     from gateway.app import Gateway
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notifier = systemd_notify.Notifier()
     async with Gateway(settings) as gw:
         assert gw.broker is not None
+        if production:
+            _attach_boot_status(gw)
         if gw.setup_code:
             banner = "=" * 64
+            problem = f"\n  Boot configuration problem:\n    {gw.setup_error}\n" if gw.setup_error else ""
+            # stdout: the unit sends it to the console too, where an installer can read the code
             print(f"\n{banner}\n  Siteward first start: no admin yet.\n  Open http://<this-host>:"
-                  f"{gw.web_port}/setup and enter the setup code:\n\n      {gw.setup_code}\n{banner}\n",
-                  file=sys.stderr, flush=True)
+                  f"{gw.web_port}/setup and enter the setup code:\n\n      {gw.setup_code}\n{problem}{banner}\n",
+                  file=sys.stdout, flush=True)
         if simulate:
             from gateway.simulator.nodes import Simulator
 
@@ -70,8 +76,23 @@ async def _serve(settings: Settings, simulate: int) -> None:
             gw.ble.simulate(settings.ble.simulate_beacons, settings.ble.simulate_interval_s)
         log.info("siteward.ready", web=f"http://localhost:{gw.web_port}/", mqtt_port=gw.broker.port,
                  simulated_nodes=simulate)
+        # READY only now: broker and web server are listening
+        systemd_notify.announce_ready(gw.supervisor, "setup required (code on the console)" if gw.setup_code
+                                      else f"serving: web {gw.web_port}, mqtt {gw.broker.port}", notifier)
         await stop.wait()
         log.info("siteward.stopping")
+        notifier.stopping()
+
+
+def _attach_boot_status(gw: Any) -> None:
+    """Show what first boot found wrong with the boot partition's config (web UI, /healthz)."""
+    from gateway import firstboot
+
+    status = firstboot.read_status()
+    if status is None:
+        return
+    gw.setup_error = status.get("error") or None
+    gw.health.register("boot_config", lambda: {"ok": not status.get("error"), **status})
 
 
 def cmd_run(args: argparse.Namespace, production: bool = False) -> int:
@@ -89,7 +110,7 @@ def cmd_run(args: argparse.Namespace, production: bool = False) -> int:
     from gateway.auth.errors import SetupError
 
     try:
-        asyncio.run(_serve(settings, simulate))
+        asyncio.run(_serve(settings, simulate, production))
     except SetupError as exc:
         print(f"siteward: configuration error:\n{exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ import structlog
 from gateway.metrics import Metrics
 from gateway.models import Reading, Source
 from gateway.store.migrations import apply_migrations
+from gateway.store.salvage import SalvageReport, check_and_salvage, id_floor
 
 log = structlog.get_logger(__name__)
 
@@ -94,12 +95,18 @@ class Database:
         self._ckpt_lock = asyncio.Lock()
         self.commits = 0
         self.last_commit_error: str | None = None
+        self.salvage_report: SalvageReport | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> list[int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
+        # a corrupt file is set aside and what it still holds copied to a fresh one (store.salvage)
+        self.salvage_report = await loop.run_in_executor(self._executor, check_and_salvage, self.path,
+                                                         apply_migrations)
         applied = await loop.run_in_executor(self._executor, self._open_writer)
+        # ids stay above those of readings a salvage could not save (they may be in the cloud)
+        self._next_id = max(self._next_id, await loop.run_in_executor(self._executor, id_floor, self._conn) + 1)
         self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
                                                isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=30000")
