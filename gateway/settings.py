@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.rules.models import RulesConfig
@@ -139,10 +139,155 @@ class ProfilesSection(_Section):
     enabled: list[str] | None = None  # None: every profile found
 
 
+_TOPIC_PLACEHOLDERS = frozenset({"prefix", "gateway"})
+# "$name" values a payload template may use (cloud_sync.codec fills them in)
+READING_PLACEHOLDERS = frozenset({"key", "id", "gateway", "device", "metric", "value", "unit", "ts", "ts_ms",
+                                  "ts_iso", "flags", "source"})
+ENVELOPE_PLACEHOLDERS = frozenset({"v", "type", "gateway", "seq", "lane", "first_id", "last_id", "count",
+                                   "sent_at", "attempt", "readings"})
+
+
+def _template_names(node: Any) -> set[str]:
+    if isinstance(node, str):
+        return {node[1:]} if node.startswith("$") else set()
+    if isinstance(node, dict):
+        return set().union(*(_template_names(v) for v in node.values())) if node else set()
+    if isinstance(node, list):
+        return set().union(*(_template_names(v) for v in node)) if node else set()
+    return set()
+
+
+class CloudTemplates(_Section):
+    """Topic and payload templates, so an existing cloud backend's format can be met.
+
+    Topics may use ``{prefix}`` and ``{gateway}``; the readings topic also ``{lane}``.
+    ``reading`` / ``readings_envelope`` are JSON objects whose string values ``"$name"``
+    are replaced by the typed field (see docs/cloud-contract.md, "Templates"); left
+    unset, the documented Siteward format is sent.
+    """
+
+    readings_topic: str = "{prefix}/{gateway}/up/readings"
+    events_topic: str = "{prefix}/{gateway}/up/events"
+    health_topic: str = "{prefix}/{gateway}/up/health"
+    status_topic: str = "{prefix}/{gateway}/up/status"
+    command_result_topic: str = "{prefix}/{gateway}/up/command_result"
+    # subscription; the last topic level carries the command id
+    command_topic: str = "{prefix}/{gateway}/down/command/+"
+    reading: dict[str, Any] | None = None
+    readings_envelope: dict[str, Any] | None = None
+
+    @field_validator("readings_topic", "events_topic", "health_topic", "status_topic", "command_result_topic",
+                     "command_topic")
+    @classmethod
+    def _topic(cls, v: str, info: Any) -> str:
+        import string
+
+        allowed = _TOPIC_PLACEHOLDERS | ({"lane"} if info.field_name == "readings_topic" else set())
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"bad template: {exc}") from None
+        unknown = names - allowed
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if not v or "#" in v or (info.field_name != "command_topic" and "+" in v):
+            raise ValueError("a publish topic may not contain wildcards")
+        if info.field_name == "command_topic" and not v.endswith("/+"):
+            raise ValueError("the command topic must end with '/+' (the command id level)")
+        return v
+
+    @field_validator("reading")
+    @classmethod
+    def _reading(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        names = _template_names(v)
+        if names - READING_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder(s) {sorted(names - READING_PLACEHOLDERS)}; "
+                             f"allowed: {sorted(READING_PLACEHOLDERS)}")
+        if not names & {"key", "id"}:
+            raise ValueError("a reading template must carry $key or $id: the cloud de-duplicates by it")
+        return v
+
+    @field_validator("readings_envelope")
+    @classmethod
+    def _envelope(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        names = _template_names(v)
+        if names - ENVELOPE_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder(s) {sorted(names - ENVELOPE_PLACEHOLDERS)}; "
+                             f"allowed: {sorted(ENVELOPE_PLACEHOLDERS)}")
+        if "readings" not in names:
+            raise ValueError("a readings envelope must place \"$readings\" somewhere")
+        return v
+
+
 class CloudSection(_Section):
+    """The uplink (``siteward sync``): where the cloud broker is and how to talk to it."""
+
     enabled: bool = False
     host: str = "localhost"
     port: int = Field(default=8883, ge=1, le=65535)
+    # "tls" (server verified against ca_file or the system store) or plain "tcp" (development only)
+    transport: Literal["tls", "tcp"] = "tls"
+    ca_file: Path | None = None
+    # client certificate and key: mutual TLS, the way AWS IoT Core authenticates things
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_alpn: list[str] = Field(default_factory=list)
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")  # default siteward-<id>
+    mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = Field(default=30, ge=1, le=1200)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    # keep the broker-side session (queued downlink commands) across reconnects
+    persistent_session: bool = True
+    session_expiry_s: int = Field(default=86400, ge=0)
+    topic_prefix: str = Field(default="siteward", pattern=r"^[^#+]{1,128}$")
+    encoding: Literal["json", "json+zlib"] = "json"
+    batch_max_readings: int = Field(default=1000, ge=1, le=100_000)
+    # cap on one message's JSON text; 128 KiB is AWS IoT Core's message limit
+    batch_max_bytes: int = Field(default=128 * 1024, ge=2048, le=256 * 1024 * 1024)
+    # how long the live lane waits to fill a batch before sending it anyway
+    batch_max_wait_ms: float = Field(default=200.0, ge=0, le=10_000)
+    events_batch_max: int = Field(default=100, ge=1, le=10_000)
+    # messages (and bytes) published and not yet acknowledged-and-recorded
+    inflight_window: int = Field(default=16, ge=1, le=1000)
+    inflight_max_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+    # slots of the window the backlog may not take: events and live readings always find one
+    live_reserved_slots: int = Field(default=2, ge=1, le=100)
+    # how often the store is looked at for new readings/events
+    poll_interval_ms: float = Field(default=100.0, ge=5, le=5000)
+    # a PUBACK that does not come within this time means the link is dead (besides keepalive)
+    ack_timeout_s: float = Field(default=30.0, gt=0)
+    backoff_initial_s: float = Field(default=1.0, gt=0, le=60)
+    backoff_max_s: float = Field(default=60.0, gt=0, le=60)
+    # while the broker is unreachable, a TCP probe this often lets the drain start within seconds
+    probe_interval_s: float = Field(default=1.0, gt=0, le=30)
+    health_interval_s: float = Field(default=60.0, gt=0)
+    status_interval_s: float = Field(default=2.0, gt=0, le=60)
+    downlink: bool = True
+    # None: any command name the device profile accepts; else only these
+    downlink_commands: list[str] | None = None
+    downlink_max_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
+    # the sync process's own Prometheus endpoint on localhost (None: off)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    templates: CloudTemplates = CloudTemplates()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CloudSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        if self.transport == "tcp" and (self.cert_file or self.ca_file):
+            raise ValueError("ca_file/cert_file need transport = \"tls\"")
+        if self.password is not None and self.username is None:
+            raise ValueError("password needs a username")
+        if self.live_reserved_slots >= self.inflight_window and self.inflight_window > 1:
+            raise ValueError("live_reserved_slots must be smaller than inflight_window")
+        return self
+
 
 
 class OtaSection(_Section):

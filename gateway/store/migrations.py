@@ -146,30 +146,50 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
-        4,
-        "ble: adopted and ignored sensors (sealed bindkeys), replay counters",
+        2,
+        "cloud sync: acknowledged ranges, sync state and status, queued downlink commands",
         """
-        -- gateway/ble owns these. A sensor is keyed by its Bluetooth address
-        -- (AA:BB:CC:DD:EE:FF); its device id is ble-<address without colons>.
-        -- bindkey is sealed (AES-GCM) with the key in <data_dir>/ble-bindkeys.key (0600).
-        CREATE TABLE ble_sensors (
-            address TEXT PRIMARY KEY,
-            state TEXT NOT NULL CHECK (state IN ('adopted', 'ignored')),
-            family TEXT,
-            model TEXT,
-            bindkey BLOB,
-            updated_at REAL NOT NULL
+        -- cloud_sync owns these. Ranges of ids (per lane: 'readings', 'events') the cloud
+        -- acknowledged above the contiguous watermark; readings' contiguous watermark is
+        -- outbox_consumers('cloud'), so retention keeps working unchanged.
+        CREATE TABLE sync_acked (
+            lane TEXT NOT NULL,
+            first_id INTEGER NOT NULL,
+            last_id INTEGER NOT NULL,
+            PRIMARY KEY (lane, first_id)
         );
 
-        -- last accepted counter of each encrypted sensor: a packet whose counter goes
-        -- backwards is a replay and is refused, across restarts too
-        CREATE TABLE ble_replay (
-            address TEXT NOT NULL,
-            family TEXT NOT NULL,
-            counter INTEGER NOT NULL,
+        -- small integers the sync process persists (events watermark, drops reported, ...)
+        CREATE TABLE sync_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+
+        -- one row, rewritten every few seconds by the sync process, read by the gateway's API
+        CREATE TABLE sync_status (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
             updated_at REAL NOT NULL,
-            PRIMARY KEY (address, family)
+            data TEXT NOT NULL
         );
+
+        -- commands from the cloud: written by the sync process (queued, or rejected when
+        -- invalid), executed by the gateway (taken, with the gateway's command id), results
+        -- reported upward while needs_report = 1
+        CREATE TABLE command_queue (
+            id TEXT PRIMARY KEY,
+            device_id TEXT,
+            command TEXT,
+            args TEXT NOT NULL DEFAULT '{}',
+            expect TEXT,
+            timeout_s REAL,
+            received_at REAL NOT NULL,
+            expires_at REAL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'taken', 'rejected')),
+            command_id TEXT,
+            error TEXT,
+            needs_report INTEGER NOT NULL DEFAULT 1,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX command_queue_state ON command_queue (state);
+        CREATE INDEX command_queue_command ON command_queue (command_id);
+        CREATE INDEX command_queue_report ON command_queue (needs_report) WHERE needs_report = 1;
         """,
     ),
     (
@@ -236,6 +256,33 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             reason TEXT
         );
         CREATE INDEX ota_history_campaign ON ota_history (campaign_id, id);
+        """,
+    ),
+    (
+        4,
+        "ble: adopted and ignored sensors (sealed bindkeys), replay counters",
+        """
+        -- gateway/ble owns these. A sensor is keyed by its Bluetooth address
+        -- (AA:BB:CC:DD:EE:FF); its device id is ble-<address without colons>.
+        -- bindkey is sealed (AES-GCM) with the key in <data_dir>/ble-bindkeys.key (0600).
+        CREATE TABLE ble_sensors (
+            address TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('adopted', 'ignored')),
+            family TEXT,
+            model TEXT,
+            bindkey BLOB,
+            updated_at REAL NOT NULL
+        );
+
+        -- last accepted counter of each encrypted sensor: a packet whose counter goes
+        -- backwards is a replay and is refused, across restarts too
+        CREATE TABLE ble_replay (
+            address TEXT NOT NULL,
+            family TEXT NOT NULL,
+            counter INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (address, family)
+        );
         """,
     ),
     (

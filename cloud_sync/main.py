@@ -1,0 +1,65 @@
+"""``siteward sync``: run the uplink until SIGTERM/SIGINT, then stop cleanly.
+
+Also :func:`run_sync_subprocess`, which ``siteward run`` (development) uses to start the
+sync next to the gateway as a child process, the same split as production's two
+systemd units, so that development exercises what production runs: a sync that can
+crash, hang or be killed without touching the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from gateway import systemd_notify
+from gateway.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+CHILD_STOP_S = 10.0
+
+
+async def run_sync(settings: Settings) -> None:
+    from cloud_sync.service import SyncService
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    svc = SyncService(settings)
+    await svc.start()
+    # systemd (Type=notify, siteward-sync.service): ready once the loops run; watchdog gated on their health
+    notifier = systemd_notify.announce_ready(svc.supervisor, "syncing")
+    svc.status_hook = notifier.status  # STATUS= says what the link is doing
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping()
+        await svc.stop("shutdown")
+
+
+async def run_sync_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+    """Run ``siteward … sync`` as a child until cancelled; an exit is an error (the
+    caller's supervisor restarts it with backoff)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", *argv,
+                                                env={**os.environ, **(env or {})})
+    log.info("sync.child_started", pid=proc.pid)
+    try:
+        rc = await proc.wait()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), CHILD_STOP_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        raise
+    raise RuntimeError(f"sync process exited with status {rc}")
