@@ -160,6 +160,16 @@ class Gateway:
         sup.start("devices.housekeeping", lambda: self.registry.run_housekeeping(
             min(self.settings.devices.last_seen_flush_s, self.settings.devices.offline_after_s / 4)))
         sup.start("commands.timeouts", self.commander.run_timeouts)
+        sup.start("commands.queue", self.commander.run_queue)
+        if st.cloud.enabled:
+            # the uplink's figures (backlog, connected) on /metrics and /healthz, read from
+            # the store so they hold even while the sync process is down
+            from cloud_sync.status import GatewaySyncGauges
+
+            self.sync_gauges = GatewaySyncGauges(st.db_path, self.metrics.registry,
+                                                 status_interval_s=st.cloud.status_interval_s)
+            sup.start("sync.figures", self.sync_gauges.run)
+            self.health.register("cloud_sync", self.sync_gauges.probe)
         sup.start("store.maintenance", self._maintenance_loop)
         sup.start("store.checkpoint", lambda: self.db.run_checkpoints(CHECKPOINT_INTERVAL_S, WAL_TRUNCATE_BYTES))
         sup.start("clock.monitor", self.clock_monitor.run)
@@ -222,9 +232,12 @@ class Gateway:
     async def _on_clock_sync(self, step_s: float) -> None:
         self.timekeeper.synced = True
         self.metrics.clock_synced.set(1)
+        corrected = 0
         if abs(step_s) > 0.5:
-            await self.maintenance.correct_clock(step_s, self.maintenance.first_boot_id)
-        await self.events.record("gateway.clock_synchronised", None, {"step_s": step_s})
+            corrected = await self.maintenance.correct_clock(step_s, self.maintenance.first_boot_id)
+        # from_id and corrected tell the cloud sync which readings moved (docs/cloud-contract.md)
+        await self.events.record("gateway.clock_synchronised", None, {
+            "step_s": step_s, "from_id": self.maintenance.first_boot_id, "corrected": corrected})
 
     async def _maintenance_loop(self) -> None:
         while True:

@@ -47,7 +47,8 @@ def _install_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(settings: Settings, simulate: int, production: bool = False) -> None:
+async def _serve(settings: Settings, simulate: int, production: bool = False,
+                 sync_child: tuple[list[str], dict[str, str]] | None = None) -> None:
     from gateway import systemd_notify
     from gateway.app import Gateway
 
@@ -72,6 +73,12 @@ async def _serve(settings: Settings, simulate: int, production: bool = False) ->
 
             sim = Simulator(simulate, port=gw.broker.port, interval_s=settings.simulate.interval_s)
             gw.supervisor.start("simulator", lambda: sim.run(gw.credentials.mint))
+        if sync_child is not None:
+            # development runs the uplink as a child process, as production runs two units:
+            # a sync that crashes or hangs cannot stall the gateway's event loop
+            from cloud_sync.main import run_sync_subprocess
+
+            gw.supervisor.start("cloud_sync.process", lambda: run_sync_subprocess(*sync_child))
             # no Bluetooth adapter here: simulated beacons through the same BLE decoders
             gw.ble.simulate(settings.ble.simulate_beacons, settings.ble.simulate_interval_s)
         log.info("siteward.ready", web=f"http://localhost:{gw.web_port}/", mqtt_port=gw.broker.port,
@@ -106,11 +113,15 @@ def cmd_run(args: argparse.Namespace, production: bool = False) -> int:
     settings = _settings(args, **overrides)
     configure_logging(settings.logging)
     simulate = 0 if production else (args.simulate if args.simulate is not None else settings.simulate.nodes)
+    sync_child = None
+    if settings.cloud.enabled and not production:
+        argv = (["--config", str(args.config)] if args.config else []) + ["sync"]
+        sync_child = (argv, {"SITEWARD_GATEWAY__DATA_DIR": str(Path(settings.data_dir).resolve())})
     _install_loop()
     from gateway.auth.errors import SetupError
 
     try:
-        asyncio.run(_serve(settings, simulate, production))
+        asyncio.run(_serve(settings, simulate, production, sync_child))
     except SetupError as exc:
         print(f"siteward: configuration error:\n{exc}", file=sys.stderr)
         return 2
@@ -197,6 +208,27 @@ def cmd_db_check(args: argparse.Namespace) -> int:
     return int(asyncio.run(_with_store(settings, go)))
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["gateway.data_dir"] = args.data_dir
+    settings = _settings(args, **overrides)
+    configure_logging(settings.logging)
+    if not settings.cloud.enabled:
+        print("siteward: cloud sync is off; set [cloud] enabled = true (and host, port, TLS, auth)", file=sys.stderr)
+        return 2
+    from cloud_sync.config import SyncConfigError
+    from cloud_sync.main import run_sync
+
+    _install_loop()
+    try:
+        asyncio.run(run_sync(settings))
+    except SyncConfigError as exc:
+        print(f"siteward: configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siteward", description="Siteward on-site IoT gateway")
     p.add_argument("--config", type=Path, default=None, help="TOML configuration file (or $SITEWARD_CONFIG)")
@@ -212,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--simulate", type=int, default=None, metavar="N", help="simulated ESP32 nodes (default 3)")
     gw = sub.add_parser("gateway", help="production: the gateway daemon (systemd unit siteward-gateway)")
     serve_args(gw)
+
+    sync = sub.add_parser("sync", help="production: the cloud uplink (systemd unit siteward-sync)")
+    sync.add_argument("--data-dir", type=Path, default=None)
 
     dev = sub.add_parser("device", help="device credentials")
     dsub = dev.add_subparsers(dest="action", required=True)
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_device(args)
     if args.cmd == "db":
         return cmd_db_check(args)
+    if args.cmd == "sync":
+        return cmd_sync(args)
     if args.cmd == "node":
         from gateway.ota import nodecli
 

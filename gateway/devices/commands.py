@@ -28,6 +28,8 @@ from gateway.store.events import EventLog
 log = structlog.get_logger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+# how often queued (cloud) commands are looked for: the sync process is another process
+QUEUE_POLL_S = 0.25
 
 
 class CommandRefused(Exception):
@@ -71,13 +73,13 @@ class Commander:
         for r in rows:
             self._pending[r[0]] = (r[1], r[2], json.loads(r[3]) if r[3] else None)
 
-    async def send(self, device_id: str, req: CommandRequest, actor: str) -> Command:
+    async def send(self, device_id: str, req: CommandRequest, actor: str, *, command_id: str | None = None) -> Command:
         dev = await self._registry.get(device_id)
         if dev is None:
             raise UnknownDevice(device_id)
         if dev.state == DeviceState.IGNORED:
             raise CommandRefused(f"device {device_id} is ignored")
-        cid = uuid.uuid4().hex[:16]
+        cid = command_id or uuid.uuid4().hex[:16]
         now = time.time()
         deadline = now + (req.timeout_s or self._timeout)
         expect = derive_expect(req)
@@ -144,6 +146,63 @@ class Commander:
             f"SELECT {_COLS} FROM commands WHERE device_id = ? ORDER BY created_at DESC LIMIT ?",
             (device_id, limit))
         return [_row(r) for r in rows]
+
+    # -- queued commands (from the cloud, via the sync process) --------------------------------
+    # The sync process validates and authorises cloud commands and writes them into
+    # ``command_queue`` (migration 2); this process executes them through ``send`` like
+    # any other command. The gateway's command id is chosen and stored *before* sending,
+    # so every command event already maps back to the cloud's id. A row taken but never
+    # sent (crash in between) is reported as not sent rather than sent twice: for an
+    # actuator, at most once is the safe side.
+
+    async def run_queue(self, interval_s: float = QUEUE_POLL_S) -> None:
+        await self._queue_recover()
+        while True:
+            rows = await self._db.fetchall(
+                "SELECT id, device_id, command, args, expect, timeout_s, expires_at FROM command_queue"
+                " WHERE state = 'queued' ORDER BY received_at LIMIT 20")
+            for r in rows:
+                await self._run_queued(r)
+            await asyncio.sleep(interval_s)
+
+    async def _run_queued(self, r: sqlite3.Row) -> None:
+        qid = r[0]
+        cid = uuid.uuid4().hex[:16]
+        now = time.time()
+        taken = await self._db.write(lambda c: c.execute(
+            "UPDATE command_queue SET state = 'taken', command_id = ?, updated_at = ?"
+            " WHERE id = ? AND state = 'queued'", (cid, now, qid)).rowcount)
+        if not taken:
+            return
+        if r[6] is not None and r[6] < now:
+            await self._queue_reject(qid, "expired", "the command expired before the gateway could send it")
+            return
+        try:
+            req = CommandRequest(command=r[2], args=json.loads(r[3]), expect=json.loads(r[4]) if r[4] else None,
+                                 timeout_s=r[5])
+            await self.send(r[1], req, "cloud", command_id=cid)
+        except UnknownDevice:
+            await self._queue_reject(qid, "unknown_device", f"device {r[1]!r} does not belong to this gateway")
+        except CommandRefused as exc:
+            # publish failures were already recorded as command.failed under cid
+            if await self.get(cid) is None:
+                await self._queue_reject(qid, "device_ignored", str(exc))
+        except ValueError as exc:  # validation of a row written by an older sync
+            await self._queue_reject(qid, "invalid", str(exc)[:300])
+
+    async def _queue_reject(self, qid: str, code: str, message: str) -> None:
+        body = json.dumps({"code": code, "message": message})
+        await self._db.write(lambda c: c.execute(
+            "UPDATE command_queue SET state = 'rejected', error = ?, needs_report = 1, updated_at = ? WHERE id = ?",
+            (body, time.time(), qid)))
+        log.info("commands.queue_rejected", id=qid, code=code)
+
+    async def _queue_recover(self) -> None:
+        rows = await self._db.fetchall(
+            "SELECT q.id FROM command_queue q LEFT JOIN commands c ON c.id = q.command_id"
+            " WHERE q.state = 'taken' AND c.id IS NULL")
+        for (qid,) in rows:
+            await self._queue_reject(qid, "not_sent", "the gateway restarted before sending it; not executed")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -34,6 +34,7 @@ from gateway.web.views import (
     overview,
     rules,
     session,
+    sync,
     tokens,
     users,
 )
@@ -44,7 +45,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-VIEWS = (health, session, overview, history, apidoc, devices, commands, ingest, live, users, tokens, audit, ble, rules)
+VIEWS = (health, session, overview, history, apidoc, devices, commands, ingest, live, users, tokens, audit, ble, rules,
+         sync)
 
 SESSION_PURGE_INTERVAL_S = 3600.0
 # JSON bodies are small; HTTP ingest reads its own body under broker.max_payload_bytes

@@ -34,10 +34,11 @@ ACTIONS: dict[str, str] = {
     "rules.read": "see alert rules, alerts and their history, schedules, groups and automation results",
     "rules.write": "create, change and delete alert rules, schedules and groups; override schedules",
     "alerts.ack": "acknowledge alerts",
+    "sync.read": "see the cloud uplink: connected, backlog, drops, duplicates",
 }
 
 _VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read",
-                     "rules.read"})
+                     "rules.read", "sync.read"})
 _TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own",
                          "rules.write", "alerts.ack"}
 _ADMIN = _TECHNICIAN | {"users.admin"}
