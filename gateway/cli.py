@@ -73,14 +73,14 @@ async def _serve(settings: Settings, simulate: int, production: bool = False,
 
             sim = Simulator(simulate, port=gw.broker.port, interval_s=settings.simulate.interval_s)
             gw.supervisor.start("simulator", lambda: sim.run(gw.credentials.mint))
+            # no Bluetooth adapter here: simulated beacons through the same BLE decoders
+            gw.ble.simulate(settings.ble.simulate_beacons, settings.ble.simulate_interval_s)
         if sync_child is not None:
             # development runs the uplink as a child process, as production runs two units:
             # a sync that crashes or hangs cannot stall the gateway's event loop
             from cloud_sync.main import run_sync_subprocess
 
             gw.supervisor.start("cloud_sync.process", lambda: run_sync_subprocess(*sync_child))
-            # no Bluetooth adapter here: simulated beacons through the same BLE decoders
-            gw.ble.simulate(settings.ble.simulate_beacons, settings.ble.simulate_interval_s)
         log.info("siteward.ready", web=f"http://localhost:{gw.web_port}/", mqtt_port=gw.broker.port,
                  simulated_nodes=simulate)
         # READY only now: broker and web server are listening
