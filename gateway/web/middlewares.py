@@ -109,6 +109,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
+        if _is_page(request) and wants_html(request):
+            return _error_page(request, exc)
         return exc.response()
     except AuthError as exc:
         return error_response(exc.status, exc.code, exc.message)
@@ -129,6 +131,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if wants_html(request):
             raise web.HTTPInternalServerError(text="Internal error; see the gateway log.") from None
         return error_response(500, "internal", "unexpected error; see the gateway log")
+
+
+_PAGE_ERRORS = {
+    403: ("Not allowed", "Your role does not include this page. Ask an administrator if you need it."),
+    404: ("Not found", "There is nothing here (any more): it may have been removed."),
+}
+
+
+def _is_page(request: web.Request) -> bool:
+    access = access_of(request.match_info.handler) if request.match_info.http_exception is None else None
+    return access is not None and access.page
+
+
+def _error_page(request: web.Request, exc: ApiError) -> web.Response:
+    """A page refused or missing gets a page, not a JSON document, in the browser."""
+    from gateway.web.render import page
+
+    heading, text = _PAGE_ERRORS.get(exc.status, ("Something went wrong", str(exc.detail or exc.error)))
+    gw = request.app[GATEWAY]
+    return page("error.html", title=heading, status=exc.status, gateway_name=gw.settings.gateway.name,
+                principal=request.get(PRINCIPAL), heading=heading, text=text)
 
 
 def _route_access(request: web.Request) -> Access | None:

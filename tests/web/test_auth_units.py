@@ -11,13 +11,13 @@ from argon2 import PasswordHasher
 from gateway.audit import REDACTED, Audit, scrub
 from gateway.auth.errors import LastAdmin
 from gateway.auth.passwords import Passwords
+from gateway.auth.principal import AuthMethod, Principal, Role
 from gateway.auth.ratelimit import LoginLimiter
 from gateway.auth.setup import new_setup_code
 from gateway.auth.users import UserStore
 from gateway.metrics import Metrics
 from gateway.store.database import Database
-from gateway.web.render import render, tag
-from gateway.web.views.pages import format_value
+from gateway.web.render import format_value, render, tag
 from gateway.web.views.session import safe_next
 
 
@@ -156,8 +156,9 @@ def test_safe_next(target: str | None, expected: str) -> None:
 
 
 def test_render_escapes_everything_not_marked_safe() -> None:
-    assert tag("p", "<b>&", class_='x" onload="y') == '<p class="x&quot; onload=&quot;y">&lt;b&gt;&amp;</p>'
-    html = render("user_bar.html", username="<img src=x>", role="viewer", csrf='"><script>')
+    assert tag("p", "<b>&", class_='x" onload="y') == '<p class="x&#34; onload=&#34;y">&lt;b&gt;&amp;</p>'
+    who = Principal(username="<img src=x>", role=Role.VIEWER, method=AuthMethod.SESSION, csrf='"><script>')
+    html = render("user_bar.html", principal=who, csrf=who.csrf)
     assert "<img" not in html and "<script>" not in html
 
 

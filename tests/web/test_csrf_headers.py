@@ -111,7 +111,7 @@ async def test_security_headers_on_every_kind_of_response(site: Site) -> None:
         await anon.get("/healthz"),
         await anon.get("/metrics"),
         await anon.get("/static/app.css"),
-        await anon.get("/static/live.js"),
+        await anon.get("/static/js/ui.js"),
     ]
     for r in responses:
         _check_security_headers(r.headers)
@@ -127,7 +127,7 @@ async def test_pages_have_no_inline_script_and_no_external_resources(site: Site)
         html = (await admin.get(path, headers={"Accept": "text/html"})).text
         assert "<script>" not in html and "onclick" not in html.lower() and " style=" not in html
         assert "http://" not in html and "https://" not in html and "//cdn" not in html
-    assert '<script src="/static/live.js" defer></script>' in (await admin.get("/")).text
+    assert '<script src="/static/js/ui.js" defer></script>' in (await admin.get("/")).text
 
 
 async def test_secure_cookie_over_tls(start_site: Any) -> None:

@@ -160,7 +160,7 @@ async def test_index_page_lists_devices_with_values_escaped(site: Site) -> None:
     await _post_readings(site, "node-1", {"temperature": 21.456789})
     admin = await site.admin()
     await admin.call("PATCH", "/api/v1/devices/node-1", json_body={"name": "<script>alert(1)</script>"})
-    page = await admin.get("/", headers={"Accept": "text/html"})
+    page = await admin.get("/devices", headers={"Accept": "text/html"})
     assert page.status == 200
     assert 'data-device="node-1"' in page.text and 'data-metric="temperature"' in page.text
     assert ">21.457<" in page.text and "°C" in page.text
