@@ -53,6 +53,8 @@ DOWNSAMPLE_SQL = (
     f" count(*) FROM {_ALL} GROUP BY b ORDER BY b"
 )
 _RANGE_SQL = f"SELECT id, ts, value, flags FROM {_ALL} ORDER BY ts DESC, id DESC LIMIT :limit"
+# one series in time order, for streaming it out (the CSV export walks a private cursor over it)
+SERIES_ASC_SQL = f"SELECT ts, value, flags FROM {_ALL} ORDER BY ts, id"
 _FAR = 1e12
 
 
