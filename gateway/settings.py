@@ -289,7 +289,6 @@ class CloudSection(_Section):
         return self
 
 
-
 class OtaSection(_Section):
     """Firmware updates (docs/firmware.md)."""
 
