@@ -92,7 +92,7 @@ class Database:
         self._series: dict[tuple[str, str], tuple[int, str]] = {}
         self._closed = False
         self._ckpt_conn: sqlite3.Connection | None = None
-        self._ckpt_lock = asyncio.Lock()
+        self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siteward-checkpoint")
         self.commits = 0
         self.last_commit_error: str | None = None
         self.salvage_report: SalvageReport | None = None
@@ -143,8 +143,8 @@ class Database:
         if self._reader is not None:
             await self._reader.close()
         if self._ckpt_conn is not None:
-            async with self._ckpt_lock:
-                await asyncio.to_thread(self._ckpt_conn.close)
+            await asyncio.get_running_loop().run_in_executor(self._ckpt_executor, self._ckpt_conn.close)
+        self._ckpt_executor.shutdown(wait=True)
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._executor, self._conn.close)
@@ -316,8 +316,9 @@ class Database:
             row = await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
             return tuple(row)  # type: ignore[return-value]
-        async with self._ckpt_lock:
-            return await asyncio.to_thread(self._passive_checkpoint)
+        # its own single thread: a checkpoint cancelled mid-way keeps running there, and
+        # close() queues behind it instead of closing the connection under it
+        return await asyncio.get_running_loop().run_in_executor(self._ckpt_executor, self._passive_checkpoint)
 
     def _passive_checkpoint(self) -> tuple[int, int, int]:
         if self._ckpt_conn is None:

@@ -181,3 +181,18 @@ async def test_clock_correction_shifts_only_unsynced_gateway_stamped_readings(db
     rows = sorted(await ReadingsQuery(db).history("n1"), key=lambda x: x.id)
     assert [(x.ts, x.flags) for x in rows] == [(4600.0, unsynced | int(TimeFlag.CORRECTED)), (2000.0, 0),
                                         (3000.0, int(TimeFlag.NODE_TS))]
+
+
+async def test_closing_while_a_cancelled_checkpoint_still_runs_is_safe(tmp_path: Path) -> None:
+    # a checkpoint task cancelled at shutdown keeps running in its thread; closing the
+    # store must wait for it, not close the connection under it (this crashed the process)
+    for i in range(20):
+        d = Database(tmp_path / f"ck{i}.db", Metrics(), commit_interval_ms=0)
+        await d.open()
+        await d.add_readings([r(value=v) for v in range(2000)])
+        task = asyncio.ensure_future(d.checkpoint("PASSIVE"))
+        await asyncio.sleep(0)
+        task.cancel()
+        await d.close()
+    # reaching here without a crash is the point; the data is there too
+    assert sqlite3.connect(tmp_path / "ck19.db").execute("SELECT count(*) FROM readings").fetchone()[0] == 2000
