@@ -184,7 +184,7 @@ async def test_ota_manifest_refusals(gw: Any, start_node: Callable[..., Any]) ->
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     seen = record_mqtt(gw)
-    node = await start_node("node-1")
+    node = await start_node("node-1", chip="esp32")
     await eventually(lambda: gw.registry.get("node-1"), lambda d: d is not None and d.firmware == "1.0.0",
                      within=20)
     image = build_app_image(version="1.1.0", payload_len=20_000)
@@ -202,6 +202,7 @@ async def test_ota_manifest_refusals(gw: Any, start_node: Callable[..., Any]) ->
         (mf.sign(manifest(device="node-2"), gw.ota._key, url=url), "wrong_device"),
         (mf.sign(manifest(version="0.9.0"), gw.ota._key, url=url), "not_newer"),
         (mf.sign(manifest(project="other-product"), gw.ota._key, url=url), "wrong_project"),
+        (mf.sign(manifest(chip="esp32s3"), gw.ota._key, url=url), "wrong_chip"),
     ]
     # a signature lifted from one manifest onto another
     good = mf.sign(manifest(), gw.ota._key, url=url)

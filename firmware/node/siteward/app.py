@@ -71,6 +71,18 @@ class Node:
             self._identity = found or (version.PROJECT, version.VERSION)
         return self._identity
 
+    def chip(self):
+        """"esp32", "esp32s3", ...: from the config, else from the MicroPython build's machine name."""
+        if self.cfg.get("chip"):
+            return self.cfg["chip"]
+        import os
+
+        uname = getattr(os, "uname", None)  # the ESP32 port has it; not every port does
+        machine_name = uname().machine if uname else ""  # e.g. "Generic ESP32S3 module with ESP32S3"
+        if "ESP32" in machine_name:
+            return machine_name.split()[-1].lower()
+        return None
+
     # -- network ------------------------------------------------------------------------------
     def wifi_up(self):
         try:

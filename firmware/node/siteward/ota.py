@@ -18,7 +18,6 @@ from siteward import ed25519
 from siteward import http
 
 STATE_FILE = "ota_state.json"
-SEEN_FILE = "ota_seen.json"
 STAGE_DIR = "stage"
 BLOCK = 4096
 CHUNK = 2048
@@ -330,9 +329,10 @@ class Updater:
             raise OtaFailed("bad_manifest", "bad version")
         if not newer:
             raise OtaFailed("not_newer", "runs %s, manifest offers %s" % (current, m["version"]))
-        seen = _read_json(SEEN_FILE) or {}
-        if m.get("issued", 0) < seen.get("issued", 0):
-            raise OtaFailed("replayed", "manifest older than one already installed")
+        # a replayed manifest is an older or the same version: refused above as not_newer
+        chip = node.chip()
+        if m["type"] == "app" and m.get("chip") and chip and m["chip"] != chip:
+            raise OtaFailed("wrong_chip", "image for %s, this is %s" % (m["chip"], chip))
         if m["type"] == "app" and not partition_mode():
             raise OtaFailed("no_ota_partition", "this build updates application files only")
         return m, env
@@ -368,7 +368,7 @@ class Updater:
             node.ota_report("FAILED", reason="io_error", detail=str(e), campaign=campaign)
             return False
         _write_json(STATE_FILE, {"version": m["version"], "from": node.identity()[1], "type": m["type"],
-                                 "campaign": campaign, "issued": m.get("issued", 0)})
+                                 "campaign": campaign})
         node.ota_report("IN_PROGRESS", progress=100, phase="rebooting", version=m["version"], campaign=campaign)
         node.reboot("ota")
         return True
@@ -447,7 +447,6 @@ class Updater:
                 os.rename("app_active.tmp", "app_active")
                 _remove("app_next")
                 _remove("app_trial")
-            _write_json(SEEN_FILE, {"issued": st.get("issued", 0)})
             self.node.ota_report("SUCCESS", version=running, campaign=st.get("campaign"))
         else:
             _remove("app_rolled_back")
