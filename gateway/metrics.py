@@ -50,6 +50,13 @@ class Metrics:
         )
         self.clock_synced = Gauge("siteward_clock_synchronised", "1 when the wall clock is synced", registry=r)
         self.broker_stat = Gauge("siteward_broker", "Embedded broker statistics", ["stat"], registry=r)
+        # OTA (gateway/ota)
+        self.ota_node_results = Counter("siteward_ota_node_results", "OTA campaign node outcomes, by state",
+                                        ["state"], registry=r)
+        self.ota_downloads = Counter("siteward_ota_downloads", "Firmware image requests, by outcome (served, "
+                                     "refused, blocked)", ["outcome"], registry=r)
+        self.ota_campaigns_open = Gauge("siteward_ota_campaigns_open", "Rollout campaigns running or paused",
+                                        registry=r)
         # rules (gateway/rules)
         self.rules_loaded = Gauge("siteward_rules", "Alert rules in force, by kind", ["kind"], registry=r)
         self.alerts_open = Gauge("siteward_alerts_open", "Open (active or acknowledged) alerts, by severity",

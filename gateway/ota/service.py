@@ -164,6 +164,7 @@ class OtaService:
         self.gw.ingest.ota_observers.append(self.on_status)
         self.gw.supervisor.start("ota.campaigns", self.run)
         self.gw.health.register("ota", self.health)
+        self.gw.metrics.ota_campaigns_open.set(len(self.campaigns.open))
         log.info("ota.ready", key_id=mf.key_id(self._key.public_key()), open_campaigns=len(self.campaigns.open))
 
     @staticmethod
@@ -341,7 +342,7 @@ class OtaService:
             if current is not None and not mf.is_newer(c.version, current):
                 await self.campaigns.transition(c, n, NodeState.SKIPPED,
                                                 reason=f"already runs {current} (not older than {c.version})")
-                self._bus(c, n)
+                await self._finished(c, n, n.reason)
                 continue
             try:
                 await self._send(c, n, dev)
@@ -395,11 +396,13 @@ class OtaService:
         return bool(up["ts"] > n.since and up["value"] < up["ts"] - n.since)
 
     async def _finished(self, c: Campaign, n: NodeRun, reason: str | None) -> None:
+        self.gw.metrics.ota_node_results.labels(state=n.state.value).inc()
         await self.gw.events.record("ota.result", n.device, {"campaign": c.id, "version": c.version,
                                                              "state": n.state.value, "reason": reason})
         self._bus(c, n)
 
     def _bus(self, c: Campaign, n: NodeRun | None) -> None:
+        self.gw.metrics.ota_campaigns_open.set(len(self.campaigns.open))
         ev: dict[str, Any] = {"type": "ota", "campaign": c.id, "campaign_state": c.state.value,
                               "counts": c.counts()}
         if n is not None:

@@ -314,3 +314,27 @@ async def test_rollout_from_the_cloud_with_a_presigned_manifest(make_settings: A
             assert err.value.code == "bad_signature" and hits.count("/fw.bin") == 1  # refused before fetching
     finally:
         await runner.cleanup()
+
+
+async def test_a_gateway_restart_resumes_open_campaigns(make_settings: Any) -> None:
+    from gateway.app import Gateway
+
+    settings = make_settings(ota={"tick_s": 0.1})
+    async with Gateway(settings) as gw:
+        for d in ("p1", "p2"):
+            await gw.registry.ensure(d, profile="native")
+        fw, _ = await gw.ota.upload(IMAGE, filename="fw.bin", actor="test")
+        c = await gw.ota.create_campaign(CampaignRequest(firmware=fw.sha256, target=Target(devices=["p1", "p2"]),
+                                                         canary=1), actor="tech")
+        await gw.ota.control(c.id, "pause", actor="tech")
+    async with Gateway(settings) as gw:
+        again = gw.ota.campaigns.open[c.id]
+        assert again.state.value == "paused" and again.canary == 1 and set(again.nodes) == {"p1", "p2"}
+        assert again.nodes["p1"].canary and not again.nodes["p2"].canary
+        assert gw.metrics.ota_campaigns_open._value.get() == 1
+        await gw.ota.control(c.id, "abort", actor="tech")
+        assert c.id not in gw.ota.campaigns.open and (await gw.ota.campaigns.get(c.id)).state.value == "aborted"
+        # a second campaign for the same nodes is allowed once the first is closed
+        c2 = await gw.ota.create_campaign(CampaignRequest(firmware=fw.sha256, target=Target(device="p1")),
+                                          actor="tech")
+        assert c2.id != c.id

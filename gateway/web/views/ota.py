@@ -260,7 +260,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         device = ota.check_download(sha, q.get("device"), q.get("exp"), q.get("token"), _basic(request))
     except OtaError as exc:
         ota.counters["download_refused"] += 1
-        request.app[GATEWAY].metrics.rejected.labels(reason="ota_download_refused").inc()
+        request.app[GATEWAY].metrics.ota_downloads.labels(outcome="refused").inc()
         raise ApiError(exc.status, exc.code, exc.message,
                        headers={"WWW-Authenticate": 'Basic realm="siteward-ota"'} if exc.status == 401 else None
                        ) from None
@@ -269,8 +269,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     if fw is None or not path.exists():
         raise not_found("no such image")
     if fw.blocked:
+        request.app[GATEWAY].metrics.ota_downloads.labels(outcome="blocked").inc()
         raise ApiError(410, "firmware_blocked", f"{fw.version} is blocked: {fw.blocked_reason}")
     ota.counters["downloads"] += 1
+    request.app[GATEWAY].metrics.ota_downloads.labels(outcome="served").inc()
     # FileResponse answers Range (206) and If-Range itself, and sends with sendfile()
     resp = web.FileResponse(path, chunk_size=64 * 1024)
     resp.headers["Content-Type"] = "application/octet-stream"
