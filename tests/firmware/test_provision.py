@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from firmware.tools.provision import NVS_OFFSET, NVS_SIZE, make_nvs_partition
-from tests.firmware.mpnode import MicroNode, ReplPort, install_firmware
+from tests.firmware.mpnode import MicroNode, ReplPort, install_firmware, micropython_binary
 from tests.firmware.romsim import RomLoader
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,7 +52,7 @@ async def test_nvs_partition_round_trips_through_the_node_shim(tmp_path: Path) -
     install_firmware(root)
     (root / "flash" / "nvs.bin").write_bytes(image.read_bytes())
     proc = await asyncio.create_subprocess_exec(
-        "micropython", "-c", "from siteward import config; import json; print(json.dumps(config.load()))",
+        micropython_binary(), "-c", "from siteward import config; import json; print(json.dumps(config.load()))",
         cwd=root, env={**os.environ, "MICROPYPATH": str(Path(__file__).parent / "shims")},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
