@@ -37,6 +37,7 @@ class Node:
         self.sensors = []
         self._identity = None
         self.confirm_deadline = None
+        self.last_ping = time.ticks_ms()
         from siteward import ota
 
         self.ota = ota.Updater(self)
@@ -257,6 +258,10 @@ class Node:
         """Keep the MQTT session alive while something long runs (an OTA download)."""
         if self.connected:
             try:
+                now = time.ticks_ms()
+                if time.ticks_diff(now, self.last_ping) > self.cfg["mqtt"]["keepalive"] * 500:
+                    self.last_ping = now
+                    self.client.ping()
                 self.client.poll(0)
             except OSError as e:
                 self.drop(e)
@@ -298,6 +303,7 @@ class Node:
                     self.publish_health()
                 if time.ticks_diff(now, next_ping) >= 0:
                     next_ping = time.ticks_add(now, self.cfg["mqtt"]["keepalive"] * 500)
+                    self.last_ping = now
                     self.client.ping()
                 if self.connected:
                     self.client.poll(100)

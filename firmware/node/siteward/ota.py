@@ -288,6 +288,7 @@ class FilesSink:
 class Updater:
     def __init__(self, node):
         self.node = node
+        self.busy = False
         self.keys = []
         for k in node.cfg.get("ota_keys", []):
             try:
@@ -339,6 +340,17 @@ class Updater:
 
     # -- the update -----------------------------------------------------------------------
     def handle(self, payload):
+        if self.busy:
+            # a redelivered manifest while one is installing: the running update answers for it
+            print("ota: busy, manifest ignored")
+            return False
+        self.busy = True
+        try:
+            return self._handle(payload)
+        finally:
+            self.busy = False
+
+    def _handle(self, payload):
         node = self.node
         campaign = None
         try:
