@@ -31,6 +31,7 @@ from gateway.web.views import (
     history,
     ingest,
     live,
+    ota,
     overview,
     rules,
     session,
@@ -45,8 +46,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-VIEWS = (health, session, overview, history, apidoc, devices, commands, ingest, live, users, tokens, audit, ble, rules,
-         sync)
+VIEWS = (health, session, overview, history, apidoc, devices, commands, ingest, live, users, tokens, audit, ota, ble,
+         sync, rules)
 
 SESSION_PURGE_INTERVAL_S = 3600.0
 # JSON bodies are small; HTTP ingest reads its own body under broker.max_payload_bytes

@@ -31,16 +31,19 @@ ACTIONS: dict[str, str] = {
     "audit.read": "read the audit trail",
     "tokens.own": "create, list and revoke one's own API tokens",
     "users.admin": "manage users and everyone's API tokens",
+    "ota.read": "list firmware and rollout campaigns, their nodes and history",
+    "ota.write": "upload and block firmware; create, pause, resume and abort rollout campaigns",
+    "ota.flash": "flash and provision nodes over the gateway's USB serial ports",
+    "sync.read": "see the cloud uplink: connected, backlog, drops, duplicates",
     "rules.read": "see alert rules, alerts and their history, schedules, groups and automation results",
     "rules.write": "create, change and delete alert rules, schedules and groups; override schedules",
     "alerts.ack": "acknowledge alerts",
-    "sync.read": "see the cloud uplink: connected, backlog, drops, duplicates",
 }
 
 _VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read",
-                     "rules.read", "sync.read"})
+                     "ota.read", "sync.read", "rules.read"})
 _TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own",
-                         "rules.write", "alerts.ack"}
+                         "ota.write", "ota.flash", "rules.write", "alerts.ack"}
 _ADMIN = _TECHNICIAN | {"users.admin"}
 
 ROLE_ACTIONS: dict[Role, frozenset[str]] = {
