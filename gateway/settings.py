@@ -251,7 +251,7 @@ class CloudSection(_Section):
     # cap on one message's JSON text; 128 KiB is AWS IoT Core's message limit
     batch_max_bytes: int = Field(default=128 * 1024, ge=2048, le=256 * 1024 * 1024)
     # how long the live lane waits to fill a batch before sending it anyway
-    batch_max_wait_ms: float = Field(default=200.0, ge=0, le=10_000)
+    batch_max_wait_ms: float = Field(default=100.0, ge=0, le=10_000)
     events_batch_max: int = Field(default=100, ge=1, le=10_000)
     # messages (and bytes) published and not yet acknowledged-and-recorded
     inflight_window: int = Field(default=16, ge=1, le=1000)
@@ -259,7 +259,7 @@ class CloudSection(_Section):
     # slots of the window the backlog may not take: events and live readings always find one
     live_reserved_slots: int = Field(default=2, ge=1, le=100)
     # how often the store is looked at for new readings/events
-    poll_interval_ms: float = Field(default=100.0, ge=5, le=5000)
+    poll_interval_ms: float = Field(default=50.0, ge=5, le=5000)
     # a PUBACK that does not come within this time means the link is dead (besides keepalive)
     ack_timeout_s: float = Field(default=30.0, gt=0)
     backoff_initial_s: float = Field(default=1.0, gt=0, le=60)
