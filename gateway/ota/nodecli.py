@@ -140,9 +140,11 @@ async def _provision(args: argparse.Namespace, settings: Any) -> int:
         print(f"waiting up to {args.wait:.0f} s for {args.id} to come online…", file=sys.stderr)
         deadline = time.monotonic() + args.wait
         while time.monotonic() < deadline:
-            # the gateway process marks it online in the shared store when it connects
-            row = await db.fetchone("SELECT online, last_seen FROM devices WHERE id = ?", (args.id,))
-            if row is not None and row[0] and (row[1] or 0) >= started - 1:
+            # the gateway process records when it last heard the node in the shared store (at once
+            # on a state change, within devices.last_seen_flush_s otherwise): heard since we began
+            # provisioning means it runs with the new configuration
+            row = await db.fetchone("SELECT last_seen FROM devices WHERE id = ?", (args.id,))
+            if row is not None and (row[0] or 0) >= started - 1:
                 print(f"{args.id} is online")
                 return 0
             await asyncio.sleep(0.5)
