@@ -364,3 +364,27 @@ async def test_ota_app_files_on_a_build_without_ota_partitions(
     assert 'VERSION = "1.0.0"' in (node.root / "siteward" / "version.py").read_text()
     assert 'VERSION = "1.1.0"' in (node.root / "app_a" / "siteward" / "version.py").read_text()
     assert (await gw.registry.get("node-1")).firmware == "1.1.0"
+
+
+async def test_ota_app_files_that_crash_are_abandoned_for_the_previous_copy(
+        gw: Any, start_node: Callable[..., Any], tmp_path: Path) -> None:
+    import shutil
+
+    node = await start_node("node-1", ota_partitions=False)
+    await eventually(lambda: gw.registry.get("node-1"), lambda d: d is not None and d.firmware == "1.0.0",
+                     within=20)
+    src = tmp_path / "release"
+    shutil.copytree(FIRMWARE / "siteward", src / "siteward", ignore=shutil.ignore_patterns("__pycache__"))
+    ver = src / "siteward" / "version.py"
+    ver.write_text(ver.read_text().replace('VERSION = "1.0.0"', 'VERSION = "1.1.0"'))
+    app = src / "siteward" / "app.py"
+    app.write_text('raise RuntimeError("a broken build")\n' + app.read_text())
+    fw = await _upload(gw, make_bundle(src, project="siteward-node", version="1.1.0"))
+    c = await _campaign(gw, fw)
+    n = await eventually(lambda: _node_state(gw, c.id), lambda n: n.state.value in ("success", "failed"), within=60)
+    assert n.state.value == "failed" and "rolled_back" in (n.reason or ""), (n, node.output())
+    assert "a broken build" in node.output()
+    # the broken copy was tried once, then the confirmed one ran again; nothing points at the broken one
+    assert not (node.root / "app_next").exists() and not (node.root / "app_trial").exists()
+    assert not (node.root / "app_active").exists()
+    assert (await gw.registry.get("node-1")).firmware == "1.0.0"
