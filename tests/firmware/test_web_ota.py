@@ -166,3 +166,34 @@ async def test_flash_job_over_the_api_with_progress_on_the_live_feed(site: Site,
         sim.stop()
     viewer = await site.user("vic", "viewer")
     assert (await viewer.post("/api/v1/ota/flash", {"port": "/dev/ttyUSB0", "firmware": sha})).status == 403
+
+
+async def test_flash_an_uploaded_merged_image_for_a_new_board(site: Site, gw: Any) -> None:
+    """A full-flash image is what a new board needs; the OTA registry refuses it, flashing takes it."""
+    merged = bytearray(b"\xff" * 0xF000)
+    boot, table = build_bootloader_image(), build_partition_table()
+    merged[0:len(boot)] = boot
+    merged[0x7000:0x7000 + len(table)] = table
+    merged += IMAGE
+    tech = await site.user("tina", "technician")
+    sim = RomLoader()
+    sim.start()
+    try:
+        form = aiohttp.FormData()
+        form.add_field("port", sim.port)
+        form.add_field("erase", "true")
+        form.add_field("file", bytes(merged), filename="ESP32_GENERIC-siteward.bin")
+        r = await tech.call("POST", "/api/v1/ota/flash", data=form)
+        assert r.status == 202, r
+        job = r.json["job"]
+        for _ in range(400):
+            j = (await tech.get(f"/api/v1/ota/flash/{job}")).json
+            if j["state"] in ("done", "failed"):
+                break
+            await asyncio.sleep(0.05)
+        assert j["state"] == "done", j
+        assert bytes(sim.flash[0x1000:0x1000 + len(merged)]) == bytes(merged) and "ERASE_FLASH" in sim.commands
+    finally:
+        sim.stop()
+    entry = (await site.audit("ota.flash"))[0]
+    assert entry["detail"]["file"] == "ESP32_GENERIC-siteward.bin" and entry["detail"]["erase"] is True

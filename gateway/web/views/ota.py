@@ -290,23 +290,67 @@ async def ports(request: web.Request) -> web.Response:
     return json_ok({"ports": await asyncio.to_thread(list_ports)})
 
 
+async def _flash_file_upload(request: web.Request, limit: int) -> tuple[FlashBody, bytes, str]:
+    """A multipart flash request: fields port, erase, and the file itself (e.g. a merged
+    full-flash image for a new board, which the OTA registry rightly refuses)."""
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    data, name = None, "upload.bin"
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name == "file":
+            name = (part.filename or name)[-128:]
+            buf = bytearray()
+            while chunk := await part.read_chunk(64 * 1024):
+                buf += chunk
+                if len(buf) > limit:
+                    raise ApiError(413, "too_large", f"file is larger than {limit} bytes")
+            data = bytes(buf)
+        elif part.name in ("port", "erase"):
+            fields[part.name] = (await part.text())[:200]
+    if not data:
+        raise ApiError(400, "invalid_request", "the form needs a 'file' field")
+    erase = fields.get("erase", "").lower() in ("1", "true", "on", "yes")
+    try:
+        body = FlashBody(port=fields.get("port", ""), firmware="uploaded-file", erase=erase)
+    except ValueError:
+        raise ApiError(400, "invalid_request", [{"field": "port", "problem": "not a serial port"}]) from None
+    return body, data, name
+
+
 @routes.post("/api/v1/ota/flash")
 @requires("ota.flash")
 async def start_flash(request: web.Request) -> web.Response:
-    body = await parse_body(request, FlashBody)
+    import asyncio
+    import hashlib
+
     ota = _ota(request)
-    fw = await ota.registry.find(body.firmware)
-    if fw is None:
-        raise not_found("no such firmware")
+    if request.content_type == "multipart/form-data":
+        body, data, name = await _flash_file_upload(request, 16 * 1024 * 1024)
+        sha = hashlib.sha256(data).hexdigest()
+        path = request.app[GATEWAY].settings.data_dir / "flash-uploads" / f"{sha}.bin"
+        await asyncio.to_thread(_save, path, data)
+        what: dict[str, Any] = {"file": name, "sha256": sha}
+    else:
+        body = await parse_body(request, FlashBody)
+        fw = await ota.registry.find(body.firmware)
+        if fw is None:
+            raise not_found("no such firmware")
+        path, sha = ota.registry.path(fw.sha256), fw.sha256
+        what = {"firmware": fw.sha256, "version": fw.version}
     jobs = ota.flash_jobs
     running = jobs.busy(body.port)
     if running is not None:
         raise ApiError(409, "port_busy", f"{body.port} is being flashed by job {running.id}")
-    job = jobs.start(port=body.port, path=ota.registry.path(fw.sha256), firmware=fw.sha256, erase=body.erase,
-                     actor=principal_of(request).username)
-    await _audit(request, "ota.flash", body.port, {"job": job.id, "firmware": fw.sha256, "version": fw.version,
-                                                   "erase": body.erase})
+    job = jobs.start(port=body.port, path=path, firmware=sha, erase=body.erase, actor=principal_of(request).username)
+    await _audit(request, "ota.flash", body.port, {"job": job.id, **what, "erase": body.erase})
     return json_ok(jobs.as_dict(job), status=202, headers={"Location": f"/api/v1/ota/flash/{job.id}"})
+
+
+def _save(path: Any, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 @routes.get("/api/v1/ota/flash/{job_id}")
