@@ -3,6 +3,9 @@
 source "$(dirname "$0")/_env.sh"
 apt_install mosquitto sqlite3 ca-certificates dbus libdbus-1-dev libglib2.0-dev pkg-config gcc chromium nodejs npm
 ensure_venv test
+# the appliance's image build and boot test (slow-marked, run here too): see docs/appliance.md
+bash "$ROOT/scripts/appliance-tools.sh"
+export SITEWARD_REQUIRE_BOOT_TEST=1
 bash "$ROOT/scripts/frontend.sh"
 cd "$ROOT"
 "$VENV/bin/ruff" check .
