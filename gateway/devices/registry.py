@@ -145,20 +145,31 @@ class DeviceRegistry:
             came = {"reason": "message"}
 
             # one commit for the row and its events: a new device's first message waits for
-            # this, and so do the messages queued behind it on the same connection
-            def insert(c: sqlite3.Connection) -> tuple[int, int | None]:
-                c.execute(
-                    "INSERT OR IGNORE INTO devices (id, kind, profile, state, created_at, attributes, online,"
-                    " last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (device_id, kind, profile, st.value, now, json.dumps(attrs), int(online), online_at),
-                )
-                first = EventLog.insert(c, "device.discovered", device_id, found, now)
-                return first, EventLog.insert(c, "device.online", device_id, came, now) if online else None
+            # this, and so do the messages queued behind it on the same connection. The row may
+            # exist already, made by another process (`siteward device add`, provisioning).
+            def insert(c: sqlite3.Connection) -> tuple[Device, int | None, int | None]:
+                row = c.execute(f"SELECT {_COLS} FROM devices WHERE id = ?", (device_id,)).fetchone()
+                first = None
+                if row is None:
+                    c.execute(
+                        "INSERT INTO devices (id, kind, profile, state, created_at, attributes, online, last_seen)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (device_id, kind, profile, st.value, now, json.dumps(attrs), int(online), online_at),
+                    )
+                    first = EventLog.insert(c, "device.discovered", device_id, found, now)
+                    made = dev
+                else:
+                    made = _row_to_device(row).model_copy(update={"online": online or bool(row[9]),
+                                                                  "last_seen": online_at or row[8]})
+                    c.execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
+                              (int(made.online), made.last_seen, device_id))
+                return made, first, EventLog.insert(c, "device.online", device_id, came, now) if online else None
 
-            discovered_id, online_id = await self._db.write(insert)
+            dev, discovered_id, online_id = await self._db.write(insert)
             self._devices[device_id] = dev
-            self._events.announce(discovered_id, "device.discovered", device_id, found, now)
-            self._bus.publish({"type": "device", "device": device_id, "state": st.value, "online": online})
+            if discovered_id is not None:
+                self._events.announce(discovered_id, "device.discovered", device_id, found, now)
+            self._bus.publish({"type": "device", "device": device_id, "state": dev.state.value, "online": online})
             if online_id is not None:
                 assert online_at is not None
                 self._notify_online(device_id, True, "message", online_at)

@@ -250,3 +250,18 @@ async def test_a_new_devices_pipelined_messages_are_stored_in_arrival_order(gate
         "SELECT r.value FROM readings r JOIN series s ON s.id = r.series_id"
         " WHERE s.device_id = 'fresh-1' ORDER BY r.id")
     assert [int(v) for (v,) in rows] == list(range(1, 51))  # ids follow arrival order
+
+
+async def test_a_device_registered_by_another_process_is_taken_as_it_is(gateway) -> None:
+    # `siteward device add` (another process) made the row after the gateway loaded its devices
+    await gateway.db.write(lambda c: c.execute(
+        "INSERT INTO devices (id, name, profile, state, created_at)"
+        " VALUES ('cli-1', 'Freezer', 'native', 'adopted', 1)"))
+    pw = await gateway.credentials.mint("cli-1")
+    async with client(gateway, "cli-1", pw) as c:
+        await c.publish("devices/cli-1/telemetry", b'{"temperature": -18}', qos=1)
+        dev = await gateway.registry.get("cli-1")
+        assert dev.name == "Freezer" and dev.online
+        row = await gateway.db.fetchone("SELECT online, last_seen FROM devices WHERE id = 'cli-1'")
+        assert row[0] == 1 and row[1] is not None  # the stored row says online too
+    assert not await gateway.events.query(device="cli-1", kind="device.discovered")
