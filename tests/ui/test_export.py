@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -51,7 +53,7 @@ def test_export_streams_every_reading_in_order(ui: UiSite) -> None:
     exp1 = [r for r in rows[1:] if r[2] == "exp-1"]
     assert len(exp1) == 30_000 and len(rows) == 1 + 30_100
     assert [float(r[4]) for r in exp1[:3]] == [0.5, 1.5, 2.5]
-    assert all(float(a[1]) < float(b[1]) for a, b in zip(exp1, exp1[1:], strict=False))  # time order
+    assert all(float(a[1]) < float(b[1]) for a, b in itertools.pairwise(exp1))  # time order
     assert exp1[0][0].endswith("Z") and exp1[0][5] == "°C"
     assert {r[5] for r in rows[1:] if r[2] == "exp-2"} == {"'=1+cmd|'!A0"}
     assert chunks > 1
@@ -106,5 +108,5 @@ def test_export_page_downloads_a_file(ui: UiSite, browse: Any) -> None:
         page.click("button:text('Download CSV')")
     download = info.value
     assert download.suggested_filename.startswith("siteward-gw-ui-") and download.suggested_filename.endswith(".csv")
-    text = open(download.path(), encoding="utf-8").read()
+    text = Path(download.path()).read_text(encoding="utf-8")
     assert text.count("exp-page") == 50

@@ -31,7 +31,7 @@ def attacker(ui: UiSite) -> Iterator[dict[str, Any]]:
     seen: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             device = self.path.strip("/").split("?")[0]
             body = ATTACK.format(target=ui.base, device=device).encode()
             self.send_response(200)

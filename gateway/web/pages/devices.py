@@ -78,6 +78,18 @@ async def devices_page(request: web.Request) -> web.Response:
                        shown=sum(1 for r in rows if not r["hidden"]))
 
 
+# what a node reports about itself rather than about the site: charted only when asked for
+HOUSEKEEPING = frozenset({"battery", "rssi", "uptime", "heap", "relay", "voltage_battery"})
+
+
+def default_metric(metrics: list[str]) -> str | None:
+    """The chart a technician most likely opened the page for: a measurement, not housekeeping."""
+    for m in metrics:
+        if m not in HOUSEKEEPING:
+            return m
+    return metrics[0] if metrics else None
+
+
 class DeviceView(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -97,7 +109,7 @@ async def device_page(request: web.Request) -> web.Response:
     except Exception:
         view = DeviceView()
     metrics = await gw.readings.metrics_of(dev.id)
-    metric = view.metric if view.metric in metrics else (metrics[0] if metrics else None)
+    metric = view.metric if view.metric in metrics else default_metric(metrics)
     latest = gw.registry.latest(dev.id)
     status = dev.attributes.get("status") if isinstance(dev.attributes.get("status"), dict) else {}
     events = await gw.events.query(device=dev.id, limit=30)

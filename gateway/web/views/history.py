@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.models import DEVICE_ID_PATTERN, METRIC_PATTERN, Event, MetricName
 from gateway.store.readings import SERIES_ASC_SQL
@@ -89,37 +90,35 @@ class EventList(BaseModel):
     events: list[Event]
 
 
-def _csv_list(value: Any, pattern: str) -> Any:
-    if value is None or isinstance(value, list):
-        return value
-    import re
-
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
-    bad = [v for v in items if not re.fullmatch(pattern, v)]
-    if bad:
-        raise ValueError("not a valid name in the comma-separated list")
-    return items
+_LIST_OF = r"^{item}(,{item})*$"
 
 
 class ExportQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # comma-separated device ids; none: every device
-    devices: list[str] | None = Field(default=None, max_length=1000)
+    # comma-separated device ids (what a form or a script sends); none: every device
+    devices: str | None = Field(default=None, max_length=66_000,
+                                pattern=_LIST_OF.format(item=DEVICE_ID_PATTERN.strip("^$")))
     # comma-separated metric names; none: every metric
-    metrics: list[str] | None = Field(default=None, max_length=200)
+    metrics: str | None = Field(default=None, max_length=13_000,
+                                pattern=_LIST_OF.format(item=METRIC_PATTERN.strip("^$")))
     # default: the last 24 hours
     since: Timestamp | None = None
     until: Timestamp | None = None
-
-    _devices = field_validator("devices", mode="before")(lambda v: _csv_list(v, DEVICE_ID_PATTERN))
-    _metrics = field_validator("metrics", mode="before")(lambda v: _csv_list(v, METRIC_PATTERN))
 
     @model_validator(mode="after")
     def _ordered(self) -> ExportQuery:
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ValueError("since must not be later than until")
         return self
+
+    @property
+    def device_list(self) -> list[str]:
+        return self.devices.split(",") if self.devices else []
+
+    @property
+    def metric_list(self) -> list[str]:
+        return self.metrics.split(",") if self.metrics else []
 
 
 def _round(v: float) -> float:
@@ -181,12 +180,13 @@ def _cell(text: str) -> str:
 
 async def _export_series(gw: Any, q: ExportQuery) -> list[tuple[int, str, str, str]]:
     where, params = [], []
-    if q.devices:
-        where.append(f"device_id IN ({','.join('?' * len(q.devices))})")
-        params += q.devices
-    if q.metrics:
-        where.append(f"metric IN ({','.join('?' * len(q.metrics))})")
-        params += q.metrics
+    devices, metrics = q.device_list, q.metric_list
+    if devices:
+        where.append("device_id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(devices))
+    if metrics:
+        where.append("metric IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(metrics))
     sql = "SELECT id, device_id, metric, unit FROM series"
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -159,6 +159,7 @@
   var loadSeq = 0;
   var unit = "";
   var controller = null;
+  var shown = { since: 0, until: 1 };
 
   function cssVar(name, fallback) {
     var v = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
@@ -206,7 +207,8 @@
     var opts = {
       width: size.width,
       height: size.height,
-      scales: { x: { time: true } },
+      // the axis shows the range that was asked for, even where there is no data (yet)
+      scales: { x: { time: true, range: function () { return [shown.since, shown.until]; } } },
       series: [
         {},
         { label: "min", stroke: accent, width: 1, alpha: 0.5, value: function (u, v) { return v == null ? "—" : S.formatValue(v); } },
@@ -257,6 +259,7 @@
     S.api("GET", url, undefined, { signal: controller ? controller.signal : undefined }).then(function (s) {
       if (seq !== loadSeq) { return; }
       unit = s.unit;
+      shown = { since: s.since, until: s.until };
       var data = withGaps(s);
       if (plot) { plot.destroy(); plot = null; }
       makePlot(data);
@@ -284,6 +287,7 @@
     var cut = 0;
     while (cut < next[0].length && next[0][cut] < from) { cut++; }
     if (cut) { next = next.map(function (col) { return col.slice(cut); }); }
+    shown = { since: from, until: Math.max(ev.ts, Date.now() / 1000) };
     plot.setData(next);
   }
 
