@@ -60,7 +60,7 @@ class SeriesQuery(BaseModel):
 
 class Series(BaseModel):
     """Columns of equal length, one entry per non-empty bucket, oldest first; ``t`` is the
-    time of the bucket's first reading. A bucket with one reading has min = max = avg."""
+    middle of the bucket (``bucket_s`` wide). A bucket with one reading has min = max = avg."""
 
     device: str
     metric: str
@@ -147,9 +147,9 @@ async def series(request: web.Request) -> web.StreamResponse:
     rows = await gw.readings.downsample(series_id, since, until, q.points)
     body = Series(
         device=dev.id, metric=q.metric, unit=unit, since=since, until=until,
-        bucket_s=(until - since) / q.points, readings=sum(r[6] for r in rows),
-        t=[round(r[1], 1) for r in rows], min=[_round(r[3]) for r in rows], max=[_round(r[4]) for r in rows],
-        avg=[_round(r[5]) for r in rows], n=[int(r[6]) for r in rows],
+        bucket_s=(until - since) / q.points, readings=sum(r[5] for r in rows),
+        t=[round(r[1], 1) for r in rows], min=[_round(r[2]) for r in rows], max=[_round(r[3]) for r in rows],
+        avg=[_round(r[4]) for r in rows], n=[int(r[5]) for r in rows],
     )
     resp = web.Response(text=dumps(body.model_dump()), content_type="application/json")
     # a week's series is ~40 kB of digits: gzip takes it to a third on slow site Wi-Fi
