@@ -134,6 +134,8 @@ rm -rf "$OWN" && mkdir -p "$OWN"
 # pip's own settings on this host (local indexes, constraints) stay out: PyPI only, its CA bundle
 pipx() { PIP_CONFIG_FILE=/dev/null "$PYTHON" -m pip --disable-pip-version-check "$@"; }
 PIP_CERT=(); [ -f /etc/ssl/certs/ca-certificates.crt ] && PIP_CERT=(--cert /etc/ssl/certs/ca-certificates.crt)
+# the web UI's chart library (npm, pinned by its lock file) must be in the wheel: docs/ui.md
+bash "$ROOT/scripts/frontend.sh"
 log "wheel: building Siteward $VERSION from the tree"
 pipx wheel -q "${PIP_CERT[@]}" --index-url https://pypi.org/simple --no-deps -w "$OWN" "$ROOT" >/dev/null
 OWN_WHEEL="$(ls "$OWN"/siteward-*.whl)"

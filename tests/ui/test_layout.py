@@ -61,7 +61,9 @@ def site_data(ui: UiSite) -> None:
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_every_page_fits_a_phone_and_a_laptop(ui: UiSite, browse: Any, site_data: None, scheme: str) -> None:
     problems: list[str] = []
-    for name, viewport in (("phone", PHONE), ("laptop", LAPTOP)):
+    # contrast depends on the scheme, not the width: dark is checked on the phone, where it is used most
+    sizes = (("phone", PHONE), ("laptop", LAPTOP)) if scheme == "light" else (("phone", PHONE),)
+    for name, viewport in sizes:
         page = browse("admin", viewport=viewport, color_scheme=scheme)
         for path in PAGES:
             page.goto(ui.base + path)

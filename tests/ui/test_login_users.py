@@ -64,13 +64,18 @@ async def _unlock(ui: UiSite) -> None:
 
 
 def test_session_expiry_sends_the_page_to_the_login(ui: UiSite, browse: Any) -> None:
+    ui.api("viewer")  # the viewer's other session (made before this one) must outlive it
+    opened = time.time()
     page = browse("viewer")
     page.goto(f"{ui.base}/devices")
     page.wait_for_selector('#live-status[data-state="live"]')
-    ui.run(ui.gw.db.write(lambda c: c.execute("UPDATE web_sessions SET expires_at = ? WHERE username = 'vic'",
-                                              (time.time() - 1,))))
+    # only this browser's session runs out
+    ui.run(ui.gw.db.write(lambda c: c.execute(
+        "UPDATE web_sessions SET expires_at = ? WHERE username = 'vic' AND created_at >= ?",
+        (time.time() - 1, opened))))
     page.reload()
     assert page.url.startswith(f"{ui.base}/login?next=/devices")
+    assert ui.call("GET", "/api/v1/me", role="viewer").status == 200
 
 
 def test_admin_manages_users_in_the_page(ui: UiSite, browse: Any) -> None:
