@@ -16,8 +16,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.ble.service import BleService
 from gateway.audit import Audit
+from gateway.ble.service import BleService
 from gateway.broker import EmbeddedBroker
 from gateway.broker.external import ExternalBroker, subscription_filters
 from gateway.bus import LiveBus
