@@ -163,3 +163,14 @@ def test_audit_page_filters(ui: UiSite, browse: Any) -> None:
     page.fill("#a-since", "not a time")
     page.click("button:text('Filter')")
     assert "since" in page.inner_text(".error")
+
+
+def test_mangled_page_query_strings_fall_back_to_defaults(ui: UiSite) -> None:
+    ui.mint("qs-1")
+    html = {"Accept": "text/html"}
+    r = ui.call("GET", "/devices?status=bogus&q=" + "x" * 500, role="viewer", headers=html)
+    assert r.status == 200 and 'data-device="qs-1"' in r.text
+    row_tag = r.text.split('data-device="qs-1"')[1].split(">")[0]
+    assert "hidden" not in row_tag
+    r = ui.call("GET", "/devices/qs-1?range=year&metric=nosuch", role="viewer", headers=html)
+    assert r.status == 200 and 'data-range="24h"' in r.text

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.models import Device
 from gateway.web.access import requires
 from gateway.web.bodies import parse_query
+from gateway.web.errors import ApiError
 from gateway.web.keys import GATEWAY
 from gateway.web.render import render_page
 from gateway.web.views.devices import find_device
@@ -67,7 +68,7 @@ def row(gw: Any, dev: Device) -> dict[str, Any]:
 async def devices_page(request: web.Request) -> web.Response:
     try:
         f = parse_query(request, ListFilter)
-    except Exception:
+    except ApiError:  # a mangled bookmark shows the whole list rather than an error
         f = ListFilter()
     gw = request.app[GATEWAY]
     devices = await gw.registry.list_devices()
@@ -106,7 +107,7 @@ async def device_page(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     try:
         view = parse_query(request, DeviceView)
-    except Exception:
+    except ApiError:  # an unknown range or metric falls back to the defaults
         view = DeviceView()
     metrics = await gw.readings.metrics_of(dev.id)
     metric = view.metric if view.metric in metrics else default_metric(metrics)
