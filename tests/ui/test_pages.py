@@ -174,3 +174,36 @@ def test_mangled_page_query_strings_fall_back_to_defaults(ui: UiSite) -> None:
     assert "hidden" not in row_tag
     r = ui.call("GET", "/devices/qs-1?range=year&metric=nosuch", role="viewer", headers=html)
     assert r.status == 200 and 'data-range="24h"' in r.text
+
+
+def test_overview_says_when_the_sync_process_is_not_running(tmp_path: Any) -> None:
+    """Cloud sync configured but its process not reporting: the overview says so, with the backlog."""
+    from gateway.settings import load_settings
+    from tests.ui.harness import GatewayThread
+    from tests.web.conftest import ADMIN_PASSWORD, Client
+
+    settings = load_settings(
+        None, gateway={"data_dir": str(tmp_path / "gw"), "id": "gw-sync"}, broker={"port": 0, "host": "127.0.0.1"},
+        web={"port": 0, "host": "127.0.0.1", "admin_password": ADMIN_PASSWORD}, cloud={"enabled": True},
+        time={"source": "assume_synced"}, logging={"level": "warning", "format": "console"})
+    gt = GatewayThread(settings).start()
+    try:
+        from gateway.models import Reading
+
+        gt.run(gt.gw.db.add_readings([Reading(device="s-1", metric="t", value=1.0, ts=time.time() - 60)]))
+
+        async def overview() -> Any:
+            c = Client(gt.base)
+            try:
+                assert (await c.login("admin", ADMIN_PASSWORD)).status == 200
+                page = await c.get("/", headers={"Accept": "text/html"})
+                assert "sync not running" in page.text
+                return (await c.get("/api/v1/overview")).json
+            finally:
+                await c.close()
+
+        o = gt.run(overview())
+        assert o["sync"]["enabled"] and o["sync"]["state"] == "down"
+        assert o["sync"]["backlog"] >= 1 and o["sync"]["backlog_oldest_age_s"] >= 50
+    finally:
+        gt.stop()
