@@ -35,7 +35,7 @@ import structlog
 
 from cloud_sync.codec import ReadingsCodec, encode_message
 from cloud_sync.config import SyncConfig
-from cloud_sync.contract import CONTENT_JSON, CONTENT_JSON_ZLIB, CommandStatus, Lane
+from cloud_sync.contract import CommandStatus, Lane
 from cloud_sync.ledger import Ledger, RangeSet
 from cloud_sync.outbox import StoreReader
 from cloud_sync.state import Persisted, Snapshot, StateStore
@@ -85,7 +85,6 @@ class Scheduler:
         self.figures = figures
         self.codec = ReadingsCodec(cfg.gateway, encoding=c.encoding, max_count=c.batch_max_readings,
                                    max_bytes=c.batch_max_bytes, templates=c.templates)
-        self.content_type = CONTENT_JSON_ZLIB if c.encoding == "json+zlib" else CONTENT_JSON
         self.readings = Ledger(persisted.readings_base, persisted.readings_acked)
         self.events = Ledger(persisted.events_base, persisted.events_acked)
         v = persisted.values
@@ -109,8 +108,6 @@ class Scheduler:
         self._replies_inflight: set[str] = set()
         self._drops_inflight = False
         self._next_slow = 0.0
-        self._pending_results: list[dict[str, Any]] = []
-        self._dropped_total = 0
         self.wake_at: float | None = None
 
     # -- connection boundaries --------------------------------------------------------------
@@ -153,9 +150,8 @@ class Scheduler:
                 snap.values["drops.reported"] = self.drops_reported
                 self._drops_inflight = False
             elif u.kind == "results":
+                # still "in flight" until after_record: the store says needs_report until then
                 snap.reported.extend(u.extra["reported"])
-                for qid, _ in u.extra["reported"]:
-                    self._replies_inflight.discard(qid)
         if touched_r:
             snap.readings = (self.readings.base, list(self.readings.acked))
         if touched_e:
@@ -163,6 +159,13 @@ class Scheduler:
         snap.values["sent.hwm"] = self.sent_hwm
         snap.values["dups.resent"] = self.duplicates_resent
         return snap
+
+    def after_record(self, units: Iterable[Unit]) -> None:
+        """The record is written: answers it covers may be looked for again (no double answer)."""
+        for u in units:
+            if u.kind == "results":
+                for qid, _ in u.extra["reported"]:
+                    self._replies_inflight.discard(qid)
 
     # -- choosing -----------------------------------------------------------------------------
     async def next_unit(self, *, backlog_ok: bool) -> Unit | None:
@@ -233,7 +236,6 @@ class Scheduler:
         if self._drops_inflight:
             return None
         total = await self.reader.counter("dropped_quota")
-        self._dropped_total = total
         if total <= self.drops_reported:
             return None
         count = total - self.drops_reported

@@ -29,6 +29,7 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from cloud_sync.aio import checkpoint
 from cloud_sync.backoff import STABLE_SESSION_S, Backoff
 from cloud_sync.codec import encode_message
 from cloud_sync.config import SyncConfig
@@ -145,6 +146,7 @@ class CloudLink:
 
     async def run(self, session: Session) -> None:
         while True:
+            checkpoint()
             began = time.monotonic()
             self.acked_in_session = False
             self.attempts += 1
@@ -152,13 +154,18 @@ class CloudLink:
             error: BaseException | None = None
             try:
                 async with client:
+                    checkpoint()  # aiomqtt's connect may have eaten a stop request
                     self.client = client
                     self.figures.link_up()
                     log.info("sync.connected", host=self.cfg.cloud.host, port=self.cfg.cloud.port,
                              mqtt=self.cfg.cloud.mqtt_version, attempt=self.attempts)
                     self.attempts = 0
                     await self._announce(client)
-                    await session(client)
+                    checkpoint()
+                    # in a task of its own: Python 3.11's TaskGroup leaves the hosting task's
+                    # cancelling() count raised after a child fails, which would make this
+                    # loop's checkpoint() mistake every lost connection for a stop
+                    await asyncio.create_task(session(client), name="sync-session")
             except (aiomqtt.MqttError, LinkStalled, OSError) as exc:
                 error = exc
             except BaseExceptionGroup as group:  # from the session's task group
@@ -178,6 +185,7 @@ class CloudLink:
             (log.warning if was_up or self.backoff.attempt <= 1 else log.info)(
                 "sync.link_down" if was_up else "sync.connect_failed", kind=kind, error=text,
                 retry_in_s=round(delay, 2))
+            checkpoint()  # a cancellation aiomqtt's wait_for swallowed must still end the loop
             await self._pause(delay, known_down=kind == "unreachable")
 
     async def _announce(self, client: aiomqtt.Client) -> None:
@@ -199,8 +207,8 @@ class CloudLink:
 
     async def _probe(self) -> bool:
         try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(self.cfg.cloud.host, self.cfg.cloud.port),
-                                          PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                _, w = await asyncio.open_connection(self.cfg.cloud.host, self.cfg.cloud.port)
         except (OSError, TimeoutError):
             return False
         w.close()
@@ -215,6 +223,7 @@ class CloudLink:
         seen_down = known_down or not await self._probe()
         step = self.cfg.cloud.probe_interval_s
         while (left := deadline - time.monotonic()) > 0:
+            checkpoint()
             await asyncio.sleep(min(step, left))
             up = await self._probe()
             if not up:

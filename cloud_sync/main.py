@@ -23,6 +23,8 @@ from gateway.settings import Settings
 log = structlog.get_logger(__name__)
 
 CHILD_STOP_S = 10.0
+# EX_TEMPFAIL: not an error of the sync, but it must be started again
+EXIT_STORE_REPLACED = 75
 
 
 async def run_sync(settings: Settings) -> None:
@@ -37,11 +39,20 @@ async def run_sync(settings: Settings) -> None:
     # systemd (Type=notify, siteward-sync.service): ready once the loops run; watchdog gated on their health
     notifier = systemd_notify.announce_ready(svc.supervisor, "syncing")
     svc.status_hook = notifier.status  # STATUS= says what the link is doing
+    replaced = asyncio.Event()
+
+    def start_over() -> None:  # on the new file: systemd (or siteward run) restarts us
+        replaced.set()
+        stop.set()
+
+    svc.on_store_replaced = start_over
     try:
         await stop.wait()
     finally:
         notifier.stopping()
-        await svc.stop("shutdown")
+        await svc.stop("store replaced" if replaced.is_set() else "shutdown")
+    if replaced.is_set():
+        raise SystemExit(EXIT_STORE_REPLACED)
 
 
 async def run_sync_subprocess(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
@@ -56,7 +67,8 @@ async def run_sync_subprocess(argv: Sequence[str], env: dict[str, str] | None = 
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), CHILD_STOP_S)
+                async with asyncio.timeout(CHILD_STOP_S):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -105,9 +105,6 @@ class StoreReader:
             "SELECT id, ts, device_id, kind, data FROM events WHERE id >= ? ORDER BY id LIMIT ?",
             (lo, limit)).fetchall())
 
-    async def events_head(self) -> int:
-        return await self.run(lambda c: int(c.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]))
-
     # -- commands ---------------------------------------------------------------------------
     async def device_state(self, device_id: str) -> str | None:
         row = await self.run(lambda c: c.execute("SELECT state FROM devices WHERE id = ?", (device_id,)).fetchone())
@@ -118,14 +115,6 @@ class StoreReader:
         row = await self.run(lambda c: c.execute(
             "SELECT id, device_id FROM command_queue WHERE command_id = ?", (command_id,)).fetchone())
         return (row[0], row[1]) if row else None
-
-    async def queue_entry(self, queue_id: str) -> dict[str, Any] | None:
-        row = await self.run(lambda c: c.execute(
-            "SELECT id, device_id, state, command_id, error FROM command_queue WHERE id = ?",
-            (queue_id,)).fetchone())
-        if row is None:
-            return None
-        return {"id": row[0], "device": row[1], "state": row[2], "command_id": row[3], "error": row[4]}
 
     async def results_to_report(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self.run(lambda c: c.execute(

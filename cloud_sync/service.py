@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import gateway
+from cloud_sync.aio import checkpoint, wait_event
 from cloud_sync.config import SyncConfig
 from cloud_sync.downlink import Downlink
 from cloud_sync.lanes import Scheduler, Unit
@@ -40,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 STORE_WAIT_S = 1.0
 STOP_DRAIN_S = 5.0
+STOP_ROUNDS, STOP_ROUND_S = 3, 10.0
 RECORD_RETRY_S = 1.0
 RECORD_MIN_INTERVAL_S = 0.05
 
@@ -68,6 +71,10 @@ class SyncService:
         self._metrics_server: Any = None
         # told a one-line summary at every status write (systemd's STATUS=, when run under it)
         self.status_hook: Callable[[str], object] | None = None
+        # called when the store file was replaced under us (the gateway salvaged a corrupt
+        # file): the process must start over on the new file (main stops it; systemd restarts)
+        self.on_store_replaced: Callable[[], object] | None = None
+        self._store_id: tuple[int, int] | None = None
         self._props = self._publish_properties()
 
     def _publish_properties(self) -> Properties | None:
@@ -97,6 +104,7 @@ class SyncService:
     async def _main(self) -> None:
         if self.scheduler is None:
             await self._wait_for_store()
+            self._store_id = _file_id(self.cfg.db_path)
             persisted = await self.state.load()
             self.scheduler = Scheduler(self.cfg, self.reader, self.state, self.figures, persisted)
             log.info("sync.started", gateway=self.cfg.gateway, watermark=persisted.readings_base,
@@ -136,10 +144,15 @@ class SyncService:
             # let what is in flight be acknowledged and recorded, so a restart re-sends nothing
             if not self.window.empty():
                 self._drained.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._drained.wait(), STOP_DRAIN_S)
+                await wait_event(self._drained, STOP_DRAIN_S)
             await self.link.say_offline(reason)
-        await self.supervisor.stop()
+        for _ in range(STOP_ROUNDS):
+            # a second cancel reaches a loop that lost the first to 3.11's wait_for (see aio.py)
+            stopping = asyncio.create_task(self.supervisor.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=STOP_ROUND_S)
+            if done:
+                break
+            log.error("sync.stop_slow", note="a task ignored its cancellation; cancelling again")
         if self.scheduler is not None:
             with contextlib.suppress(sqlite3.Error):
                 await self._record_now(retry=False)
@@ -170,6 +183,7 @@ class SyncService:
         assert sch is not None
         poll = self.cfg.cloud.poll_interval_ms / 1000
         while not self._stopping:
+            checkpoint()
             if not win.has_room():
                 await self._sleep_until_woken(None)
                 continue
@@ -189,8 +203,7 @@ class SyncService:
         await asyncio.Event().wait()  # stopping: keep the session open until cancelled
 
     async def _sleep_until_woken(self, within: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), within)
+        await wait_event(self._wake, within)
         self._wake.clear()
 
     async def _publish(self, client: aiomqtt.Client, u: Unit) -> None:
@@ -212,6 +225,7 @@ class SyncService:
         assert sch is not None
         limit = self.cfg.cloud.ack_timeout_s
         while True:
+            checkpoint()
             await asyncio.sleep(min(1.0, limit / 4))
             oldest = min((u.sent_at for u in sch.inflight if u.sent_at is not None), default=None)
             if oldest is not None and time.monotonic() - oldest > limit:
@@ -220,10 +234,16 @@ class SyncService:
     async def _downlink_loop(self, client: aiomqtt.Client) -> None:
         # also the session's ear for the connection dropping: the iterator raises then
         async for m in client.messages:
+            checkpoint()
             if not self.cfg.cloud.downlink:
                 continue
             payload = m.payload if isinstance(m.payload, bytes | bytearray) else str(m.payload or "").encode()
-            _qid, state = await self.downlink.handle(str(m.topic), bytes(payload))
+            try:
+                _qid, state = await self.downlink.handle(str(m.topic), bytes(payload))
+            except sqlite3.Error as exc:
+                # the MQTT client acknowledged it on receipt: say loudly that it was not queued
+                log.error("sync.downlink_not_stored", topic=str(m.topic)[:200], error=f"{type(exc).__name__}: {exc}")
+                state = "store_error"
             self.metrics.downlink.labels(outcome=state).inc()
             assert self.scheduler is not None
             self.scheduler._next_slow = 0.0  # report it now, not at the next slow check
@@ -231,6 +251,7 @@ class SyncService:
 
     async def _health_loop(self, client: aiomqtt.Client) -> None:
         while True:
+            checkpoint()
             body = await self._health()
             from cloud_sync.codec import encode_message
 
@@ -254,6 +275,7 @@ class SyncService:
     # -- recording acknowledgements ---------------------------------------------------------
     async def _recorder(self) -> None:
         while True:
+            checkpoint()
             await self._record_due.wait()
             self._record_due.clear()
             began = time.monotonic()
@@ -270,6 +292,7 @@ class SyncService:
         snap = self.scheduler.apply_recorded(units)
         said = False
         while True:
+            checkpoint()
             try:
                 await self.state.record(snap)
                 break
@@ -282,6 +305,7 @@ class SyncService:
                     log.warning("sync.record_failed", error=f"{type(exc).__name__}: {exc}")
                     said = True
                 await asyncio.sleep(RECORD_RETRY_S)
+        self.scheduler.after_record(units)
         for u in units:
             self.window.release(u)
             self.figures.acked(u.kind, u.readings, len(u.messages), u.nbytes)
@@ -312,6 +336,7 @@ class SyncService:
 
     async def _status_loop(self) -> None:
         while True:
+            checkpoint()
             try:
                 await self._refresh_backlog()
                 await self.state.write_status(self._status_data())
@@ -319,4 +344,18 @@ class SyncService:
                 log.warning("sync.status_write_failed", error=f"{type(exc).__name__}: {exc}")
             if self.status_hook is not None:
                 self.status_hook(self._summary())
+            if self._store_id is not None and _file_id(self.cfg.db_path) != self._store_id:
+                log.error("sync.store_replaced", path=str(self.cfg.db_path),
+                          note="the gateway set the file aside (salvage?); starting over on the new one")
+                self._store_id = None  # said once
+                if self.on_store_replaced is not None:
+                    self.on_store_replaced()
             await asyncio.sleep(self.cfg.cloud.status_interval_s)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

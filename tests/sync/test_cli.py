@@ -57,3 +57,44 @@ async def test_run_starts_the_sync_as_a_child(tmp_path: Path, cloud: CloudBroker
     # the child was stopped with the parent, cleanly: it said offline itself
     await consumer.wait_for(lambda: consumer.seen.status[-1]["state"] == "offline", what="offline status")
     assert consumer.seen.status[-1]["reason"] == "shutdown"
+
+
+async def test_sync_starts_over_when_the_store_is_replaced(tmp_path: Path, make_settings, cloud: CloudBroker,
+                                                           pki: Pki, consumer: CloudConsumer) -> None:
+    """The gateway sets a corrupt file aside and starts a new one (store.salvage): the sync
+    must not keep reading the old inode. It exits 75 (EX_TEMPFAIL) for systemd to restart it."""
+    import asyncio
+
+    from tests.sync.conftest import add_readings, store_of
+    from tests.sync.test_process_faults import until_working
+
+    cc = cloud_section(cloud, pki)
+    s = make_settings(cloud=cc)
+    async with store_of(s) as db:
+        await add_readings(db, 100)
+    cfg = process_config(tmp_path, cc)
+    log = tmp_path / "sync.log"
+    proc = start_process(cfg, "sync", log)
+    try:
+        await until_working(proc, s.db_path)
+        await consumer.wait_for_store(s.db_path)
+        set_aside(s.db_path)
+        async with store_of(s):
+            pass  # a fresh file, as a salvage leaves it
+        for _ in range(200):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert proc.returncode == 75, log.read_text()[-2000:]
+        assert "sync.store_replaced" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def set_aside(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(db) + suffix)
+        if p.exists():
+            p.rename(Path(str(db) + ".corrupt" + suffix))

@@ -57,3 +57,38 @@ async def test_refused_connection_sends_nothing_and_keeps_trying(sync_settings, 
             assert not svc.figures.connected
             assert svc.figures.last_error
     assert consumer.seen.readings == {}
+
+
+async def test_templates_shape_what_the_backend_receives(sync_settings, cloud: CloudBroker,
+                                                         consumer: CloudConsumer) -> None:
+    """An existing backend's topic and payload format, end to end through the broker."""
+    import asyncio
+    import json
+
+    import aiomqtt
+
+    s = sync_settings(templates={
+        "readings_topic": "acme/{gateway}/telemetry",
+        "reading": {"deviceId": "$device", "name": "$metric", "v": "$value", "t": "$ts_ms", "key": "$key"},
+        "readings_envelope": {"gw": "$gateway", "items": "$readings"},
+    })
+    got: dict[str, dict] = {}
+    async with aiomqtt.Client("127.0.0.1", cloud.plain_port, identifier="acme-backend") as backend:
+        await backend.subscribe("acme/+/telemetry", qos=1)
+
+        async def collect() -> None:
+            async for m in backend.messages:
+                body = json.loads(m.payload)  # type: ignore[arg-type]
+                assert set(body) == {"gw", "items"} and body["gw"] == "gw-test"
+                for item in body["items"]:
+                    got[item["key"]] = item
+
+        task = asyncio.create_task(collect())
+        async with store_of(s) as db:
+            ids = await add_readings(db, 700)
+            async with running_sync(s):
+                await consumer.wait_for(lambda: len(got) == 700, what="templated readings")
+        task.cancel()
+    first = got[f"gw-test:{ids.start}"]
+    assert set(first) == {"deviceId", "name", "v", "t", "key"} and isinstance(first["t"], int)
+    assert consumer.seen.readings == {}  # nothing on the standard topic

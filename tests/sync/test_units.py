@@ -175,3 +175,27 @@ def test_window_keeps_slots_for_live_and_events() -> None:
     w.release(units[0])
     w.release(units[0])  # releasing twice changes nothing
     assert w.count == 3 and w.has_room()
+
+
+# -- asyncio guards -----------------------------------------------------------------------------
+async def test_checkpoint_honours_a_cancellation_that_was_swallowed() -> None:
+    import asyncio
+    import contextlib
+
+    from cloud_sync.aio import checkpoint, wait_event
+
+    async def loop_that_eats_one_cancel() -> None:
+        # what Python 3.11's wait_for does when its future completes at that instant
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        checkpoint()
+
+    t = asyncio.create_task(loop_that_eats_one_cancel())
+    await asyncio.sleep(0)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    ev = asyncio.Event()
+    assert await wait_event(ev, 0.01) is False
+    ev.set()
+    assert await wait_event(ev, 1.0) is True
