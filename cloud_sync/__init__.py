@@ -11,5 +11,6 @@ file (docs/cloud-contract.md). One job per module, in the order data flows:
 * ``publisher``: the in-flight window; ``link``: the connection, backoff, will;
 * ``state``: the sync's few writes into the store; ``downlink``: commands from the cloud;
 * ``status``: figures for the sync's own metrics and for the gateway's API;
-* ``service``: composes all of it; ``main``: the process (signals, systemd, dev child).
+* ``service``: composes all of it; ``main``: the process (signals, systemd, dev child);
+  ``aio``: guards every loop needs on Python 3.11 (cancellation, timeouts).
 """
