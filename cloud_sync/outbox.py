@@ -33,13 +33,19 @@ class SchemaNotReady(Exception):
     pass
 
 
-def schema_version(path: Path) -> int | None:
-    """The store's schema version, or None when there is no database yet."""
+def schema_version(path: Path) -> tuple[int, bool] | None:
+    """(schema version, whether the sync's tables are there), or None without a database.
+
+    Both, because a version is not proof: a development store made while migration 2 was
+    committed after 3 and 4 reports version 5 without the sync's tables.
+    """
     if not path.exists():
         return None
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return version, {"sync_acked", "sync_state", "sync_status", "command_queue"} <= tables
     finally:
         conn.close()
 

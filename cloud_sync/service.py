@@ -120,21 +120,29 @@ class SyncService:
         await self.link.run(self._session)
 
     async def _wait_for_store(self) -> None:
-        said = False
+        said = None
         while True:
             try:
-                version = await asyncio.to_thread(schema_version, self.cfg.db_path)
+                found = await asyncio.to_thread(schema_version, self.cfg.db_path)
             except sqlite3.Error as exc:
-                version, err = None, str(exc)
+                found, err = None, str(exc)
             else:
                 err = None
-            if version is not None and version >= NEEDED_SCHEMA:
+            if found is not None and found[0] >= NEEDED_SCHEMA and found[1]:
                 return
-            if not said:
-                # the gateway creates and migrates the store; the sync process never does
-                log.warning("sync.waiting_for_store", path=str(self.cfg.db_path), schema=version, error=err,
-                            needs=NEEDED_SCHEMA)
-                said = True
+            if found is not None and found[0] >= NEEDED_SCHEMA:
+                what = "sync.store_lacks_tables"  # said loudly: waiting will not fix this one
+                if said != what:
+                    log.error(what, path=str(self.cfg.db_path), schema=found[0],
+                              note="schema version says migrated but migration 2's tables are missing "
+                                   "(a development store from when migrations were out of order); "
+                                   "move the file aside")
+            else:
+                what = "sync.waiting_for_store"  # the gateway creates and migrates it, never the sync
+                if said != what:
+                    log.warning(what, path=str(self.cfg.db_path), schema=found[0] if found else None,
+                                error=err, needs=NEEDED_SCHEMA)
+            said = what
             await asyncio.sleep(STORE_WAIT_S)
 
     async def stop(self, reason: str = "shutdown") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gateway.bus import LiveBus
 from gateway.metrics import Metrics
 from gateway.store.events import EventLog
@@ -83,3 +85,24 @@ async def test_clock_jump_on_the_gateway(make_settings, cloud: CloudBroker, pki:
         assert consumer.seen.readings[rid]["flags"] & 4
     assert consumer.duplicates == 0
     assert integrity(s.db_path) == "ok"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "store defect, not the sync's: Maintenance compares the file size with the quota, and a DELETE "
+    "does not shrink the file, so every maintenance run (each minute) drops another chunk of unsent "
+    "readings although the freed pages are reusable. Remove this mark when the quota counts used "
+    "pages (page_count - freelist_count)."))
+async def test_quota_drops_only_what_it_must(make_settings) -> None:
+    """An outage that outlasts the quota must not turn into losing the whole backlog."""
+    s = make_settings()
+    async with store_of(s) as db:
+        await db.write(lambda c: c.execute(
+            "INSERT INTO outbox_consumers (name, acked_id, updated_at) VALUES ('cloud', 0, 0)"))
+        await add_readings(db, 60_000)
+        maint = Maintenance(db, Metrics(), retention_days=30, quota_mb=1.0, quota_policy="drop_oldest")
+        await maint.load()
+        first = (await maint.run_once())["quota_dropped"]
+        assert first > 0
+        # nothing was added since: the store is not fuller than after the first drop
+        again = [(await maint.run_once())["quota_dropped"] for _ in range(3)]
+    assert again == [0, 0, 0], f"dropped {first} and then {again} more unsent readings"

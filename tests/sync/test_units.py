@@ -199,3 +199,17 @@ async def test_checkpoint_honours_a_cancellation_that_was_swallowed() -> None:
     assert await wait_event(ev, 0.01) is False
     ev.set()
     assert await wait_event(ev, 1.0) is True
+
+
+def test_schema_check_wants_the_tables_not_only_the_version(tmp_path) -> None:
+    import sqlite3
+
+    from cloud_sync.outbox import schema_version
+
+    path = tmp_path / "s.db"
+    assert schema_version(path) is None
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 5")  # migrated past 2 without 2's tables (out-of-order history)
+    conn.commit()
+    conn.close()
+    assert schema_version(path) == (5, False)
