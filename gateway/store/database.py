@@ -360,6 +360,14 @@ class Database:
         finally:
             await conn.close()
 
+    async def used_bytes(self) -> int:
+        """Bytes of pages in use: DELETE frees pages inside the file without shrinking it, so
+        the file size would keep a quota "exceeded" forever and drop more on every run."""
+        pc = await self.fetchone("PRAGMA page_count")
+        fl = await self.fetchone("PRAGMA freelist_count")
+        ps = await self.fetchone("PRAGMA page_size")
+        return (int(pc[0]) - int(fl[0])) * int(ps[0]) if pc and fl and ps else self.size_bytes()
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal"):

@@ -231,8 +231,8 @@ class Maintenance:
         merged = await self.merge()
         deleted = await self._db.write(self._retention)
         dropped = 0
-        size = self._db.size_bytes()
-        self._metrics.db_bytes.set(size)
+        self._metrics.db_bytes.set(self._db.size_bytes())
+        size = await self._db.used_bytes()
         if size > self.quota_bytes:
             if self.policy == "drop_oldest":
                 dropped = await self._db.write(self._drop_oldest)
