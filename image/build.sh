@@ -188,7 +188,7 @@ install_wheels() { # install_wheels TREE WHEEL...: offline, into the image's ven
 }
 if [ "$FRESH" = 1 ] || [ ! -f "$VENV_TAR" ]; then
     log "venv: installing the dependencies offline into the arm64 venv (key $VENV_KEY)"
-    scratch="$CACHE/venv-scratch"
+    scratch="$CACHE/venv-scratch-$$"
     rm -rf "$scratch" && mkdir -p "$scratch"
     # the venv itself is made by the target's python (its pyvenv.cfg and links are the image's)
     cp -a "$BASE" "$scratch/root"
@@ -224,7 +224,8 @@ if [ "$FRESH" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$IMAGE_KEY" ]; 
     exit 0
 fi
 log "image: assembling $NAME (key $IMAGE_KEY)"
-WORK="$CACHE/work-$VARIANT"
+# per build: two builds at once (a developer and CI on one machine) must not share a scratch tree
+WORK="$CACHE/work-$VARIANT-$$"
 rm -rf "$WORK" && mkdir -p "$WORK"
 TREE="$WORK/root"
 cp -a "$BASE" "$TREE"
