@@ -22,6 +22,7 @@ what is stored and refuses new readings (counted) until space frees up.
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 import time
@@ -35,7 +36,11 @@ from gateway.store.database import Database
 
 log = structlog.get_logger(__name__)
 
-QUOTA_DELETE_CHUNK = 20_000
+# quota drops: the first chunk probes how much a reading frees, later ones are sized from it
+QUOTA_FIRST_CHUNK = 500
+QUOTA_MIN_CHUNK = 50
+QUOTA_MAX_CHUNK = 200_000
+QUOTA_MAX_ROUNDS = 100
 # rows merged per write: bounds how long one merge holds the writer (ingest waits meanwhile)
 MERGE_CHUNK = 100_000
 MERGED_KEY = "history_merged_id"
@@ -235,7 +240,7 @@ class Maintenance:
         size = await self._db.used_bytes()
         if size > self.quota_bytes:
             if self.policy == "drop_oldest":
-                dropped = await self._db.write(self._drop_oldest)
+                dropped = await self._make_room(size)
                 if dropped:
                     self.dropped_total += dropped
                     self._metrics.dropped.labels(policy="quota_drop_oldest").inc(dropped)
@@ -249,6 +254,30 @@ class Maintenance:
             self.refusing = False
         await self._db.checkpoint("PASSIVE")
         return {"merged": merged, "retention_deleted": deleted, "quota_dropped": dropped}
+
+    async def _make_room(self, size: int) -> int:
+        """Delete until the pages in use fit the quota again, and not a reading more: every
+        unsent reading dropped is one the cloud never gets. A page is freed only once all
+        its rows are gone, so what a chunk frees says little about a reading's size until
+        several chunks are in: each round drops half of what the estimate so far says is
+        needed, then measures again."""
+        dropped = freed = 0
+        chunk = QUOTA_FIRST_CHUNK
+        for _ in range(QUOTA_MAX_ROUNDS):
+            if size <= self.quota_bytes:
+                break
+            acked, n = await self._db.write(functools.partial(self._drop_oldest, limit=chunk))
+            if not acked and not n:
+                break  # nothing left that may go
+            after = await self._db.used_bytes()
+            if n:
+                dropped += n
+                freed += max(0, size - after)
+                excess = after - self.quota_bytes
+                chunk = (max(QUOTA_MIN_CHUNK, min(QUOTA_MAX_CHUNK, math.ceil(excess / 2 / (freed / dropped))))
+                         if freed else min(QUOTA_MAX_CHUNK, chunk * 2))
+            size = after
+        return dropped
 
     @staticmethod
     def _series_ids(c: sqlite3.Connection) -> list[int]:
@@ -264,9 +293,10 @@ class Maintenance:
                                      (sid, cutoff, bound)).rowcount)
         return deleted
 
-    def _drop_oldest(self, c: sqlite3.Connection) -> int:
+    def _drop_oldest(self, c: sqlite3.Connection, limit: int) -> tuple[int, int]:
         """Free space: acknowledged history first (the cloud has it), oldest day at a time;
-        only when there is none, the oldest unacknowledged readings, counted as drops."""
+        only when there is none, up to `limit` of the oldest unacknowledged readings, counted
+        as drops. Returns (acknowledged rows deleted, unacknowledged readings dropped)."""
         synced = synced_upto(c)
         bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
         oldest = c.execute("SELECT min(m) FROM (SELECT (SELECT min(ts) FROM history h WHERE h.series_id = s.id"
@@ -277,20 +307,20 @@ class Maintenance:
                 freed += int(c.execute("DELETE FROM history WHERE series_id = ? AND ts < ? AND id <= ?",
                                        (sid, oldest + 86400.0, bound)).rowcount)
             if freed:
-                return 0
+                return freed, 0
         if synced is None:
-            return 0  # nothing is waiting for a consumer: there is nothing unsynced to drop
+            return 0, 0  # nothing is waiting for a consumer: there is nothing unsynced to drop
         top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
         upto = c.execute("SELECT max(id) FROM (SELECT id FROM readings WHERE id > ? AND id < ? ORDER BY id LIMIT ?)",
-                         (synced, top, QUOTA_DELETE_CHUNK)).fetchone()[0]
+                         (synced, top, limit)).fetchone()[0]
         if upto is None:
-            return 0
+            return 0, 0
         c.execute("DELETE FROM history WHERE (series_id, ts, id) IN"
                   " (SELECT series_id, ts, id FROM readings WHERE id > ? AND id <= ?)", (synced, upto))
         n = int(c.execute("DELETE FROM readings WHERE id > ? AND id <= ?", (synced, upto)).rowcount)
         c.execute("INSERT INTO counters (name, value) VALUES ('dropped_quota', ?)"
                   " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (n,))
-        return n
+        return 0, n
 
     async def correct_clock(self, step_s: float, from_id: int) -> int:
         """Shift readings stamped by the unsynchronised clock of this boot by the step NTP made."""

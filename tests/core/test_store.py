@@ -142,15 +142,23 @@ async def test_quota_drop_oldest_counts_every_drop_persistently(db: Database) ->
     await db.add_readings([r(value=i) for i in range(30_000)])
     await Outbox(db).register("cloud")  # nothing acknowledged: every drop loses unsent data
     metrics = Metrics()
-    m = Maintenance(db, metrics, retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
+    m = Maintenance(db, metrics, retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    await m.merge()
+    full = await db.used_bytes()
+    m.quota_bytes = full // 2
     res = await m.run_once()
-    assert res["quota_dropped"] == 20_000
-    assert (await db.fetchone("SELECT min(id) FROM readings"))[0] == 20_001
-    assert await ReadingsQuery(db).count() == 10_000
+    dropped = res["quota_dropped"]
+    # no more than it takes: it stops as soon as the pages in use fit, a few pages under at most
+    used = await db.used_bytes()
+    assert m.quota_bytes - 32 * 1024 < used <= m.quota_bytes
+    assert 10_000 < dropped < 30_000
+    assert (await db.fetchone("SELECT min(id) FROM readings"))[0] == dropped + 1  # the oldest went
+    assert await ReadingsQuery(db).count() == 30_000 - dropped
+    assert (await m.run_once())["quota_dropped"] == 0  # under quota: the next run leaves it alone
     m2 = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
     await m2.load()
-    assert m2.dropped_total == 20_000
-    assert b'siteward_dropped_total{policy="quota_drop_oldest"} 20000.0' in metrics.render()
+    assert m2.dropped_total == dropped
+    assert f'siteward_dropped_total{{policy="quota_drop_oldest"}} {float(dropped)}'.encode() in metrics.render()
 
 
 async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(db: Database) -> None:
@@ -158,9 +166,25 @@ async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(
     await db.add_readings([r(value=i) for i in range(5000)])
     await Outbox(db).register("cloud")
     await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 5000"))
-    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
+    await m.merge()
+    # the acknowledged half of history is about a fifth of the pages in use
+    m.quota_bytes = int(await db.used_bytes() * 0.9)
     assert (await m.run_once())["quota_dropped"] == 0
     assert await ReadingsQuery(db).count() == 5000  # the cloud had the old half
+    assert await db.used_bytes() <= m.quota_bytes
+
+
+async def test_quota_drops_unsent_only_once_acknowledged_history_is_gone(db: Database) -> None:
+    await db.add_readings([r(value=i, ts=time.time() - 3 * 86400) for i in range(5000)])
+    await db.add_readings([r(value=i) for i in range(5000)])
+    await Outbox(db).register("cloud")
+    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 5000"))
+    m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
+    dropped = (await m.run_once())["quota_dropped"]
+    # a quota smaller than an empty store: everything goes except the newest row (the id high-water mark)
+    assert dropped == 4999
+    assert [x.id for x in await ReadingsQuery(db).history("n1")] == [10_000]
 
 
 async def test_quota_refuse_new_keeps_what_is_stored(db: Database) -> None:

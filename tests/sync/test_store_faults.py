@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from gateway.bus import LiveBus
 from gateway.metrics import Metrics
 from gateway.store.events import EventLog
@@ -87,11 +85,6 @@ async def test_clock_jump_on_the_gateway(make_settings, cloud: CloudBroker, pki:
     assert integrity(s.db_path) == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store defect, not the sync's: Maintenance compares the file size with the quota, and a DELETE "
-    "does not shrink the file, so every maintenance run (each minute) drops another chunk of unsent "
-    "readings although the freed pages are reusable. Remove this mark when the quota counts used "
-    "pages (page_count - freelist_count)."))
 async def test_quota_drops_only_what_it_must(make_settings) -> None:
     """An outage that outlasts the quota must not turn into losing the whole backlog."""
     s = make_settings()
