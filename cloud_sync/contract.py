@@ -151,6 +151,11 @@ class CommandResult(_Up):
     error: CommandError | None = None
 
 
+# commands addressed to the gateway itself ("device" = the gateway's id) rather than to a node
+OTA_ROLLOUT_COMMAND = "ota_rollout"
+GATEWAY_COMMANDS = frozenset({OTA_ROLLOUT_COMMAND})
+
+
 class Command(BaseModel):
     """Topic {prefix}/{gateway}/down/command/{id} (cloud to gateway): one command for one device."""
 

@@ -2,8 +2,9 @@
 
 ``{prefix}/{gateway}/down/command/{id}`` carries one command (``contract.Command``).
 It is accepted only when its id and JSON are valid, its device exists in this
-gateway's devices table and is not ignored, the command name is allowed (when an
-allow-list is configured) and it has not expired. Accepted commands become a
+gateway's devices table and is not ignored (or is the gateway itself, for the commands
+the gateway runs: ``contract.GATEWAY_COMMANDS``, e.g. an OTA rollout), the command name
+is allowed (when an allow-list is configured) and it has not expired. Accepted commands become a
 ``queued`` row of ``command_queue``; the *gateway* process executes them through its
 normal command path (``Commander.run_queue``). Everything else becomes a ``rejected``
 row (when the id is usable) so that the refusal is reported even across a restart, and
@@ -22,7 +23,7 @@ import structlog
 from pydantic import ValidationError
 
 from cloud_sync.config import Topics
-from cloud_sync.contract import COMMAND_ID_PATTERN, Command
+from cloud_sync.contract import COMMAND_ID_PATTERN, GATEWAY_COMMANDS, Command
 from cloud_sync.outbox import StoreReader
 from cloud_sync.state import StateStore
 from gateway.logs import BurstLogger
@@ -74,9 +75,10 @@ def parse_command(topic_id: str, payload: bytes, *, max_bytes: int) -> Command:
 
 
 class Downlink:
-    def __init__(self, topics: Topics, reader: StoreReader, state: StateStore, *, max_bytes: int,
+    def __init__(self, topics: Topics, reader: StoreReader, state: StateStore, *, gateway: str, max_bytes: int,
                  allowed_commands: list[str] | None) -> None:
         self.topics = topics
+        self.gateway = gateway
         self.reader = reader
         self.state = state
         self.max_bytes = max_bytes
@@ -121,6 +123,11 @@ class Downlink:
             raise Rejected("not_allowed", f"command {cmd.command!r} is not allowed from the cloud on this gateway")
         if cmd.expires_at is not None and cmd.expires_at < time.time():
             raise Rejected("expired", "the command expired before it arrived")
+        if cmd.device == self.gateway:
+            # the gateway itself is no row of the devices table; it runs only its own commands
+            if cmd.command not in GATEWAY_COMMANDS:
+                raise Rejected("not_allowed", f"the gateway itself runs only {', '.join(sorted(GATEWAY_COMMANDS))}")
+            return
         state = await self.reader.device_state(cmd.device)
         if state is None:
             raise Rejected("unknown_device", f"device {cmd.device!r} does not belong to this gateway")

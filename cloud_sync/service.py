@@ -58,7 +58,8 @@ class SyncService:
         self.link = CloudLink(self.cfg, self.figures)
         c = self.cfg.cloud
         self.window = Window(c.inflight_window, c.inflight_max_bytes, reserved=c.live_reserved_slots)
-        self.downlink = Downlink(self.cfg.topics, self.reader, self.state, max_bytes=c.downlink_max_bytes,
+        self.downlink = Downlink(self.cfg.topics, self.reader, self.state, gateway=self.cfg.gateway,
+                                 max_bytes=c.downlink_max_bytes,
                                  allowed_commands=c.downlink_commands)
         self.scheduler: Scheduler | None = None
         self.supervisor = Supervisor(self.metrics)  # type: ignore[arg-type]  # needs only .task_restarts

@@ -14,6 +14,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -32,8 +33,30 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 QUEUE_POLL_S = 0.25
 
 
+# a command the gateway itself executes (not a node) gets this long unless the cloud says
+LOCAL_TIMEOUT_S = 900.0
+
+
 class CommandRefused(Exception):
     pass
+
+
+class CommandFailed(Exception):
+    """Raised by a local command's handler: it ran and failed; ``result`` says how."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(str(result))
+        self.result = result
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    """A cloud command addressed to the gateway itself (e.g. ``ota_rollout``): ``validate``
+    turns its args into a request or raises ValueError (refused as invalid, never run);
+    ``run`` executes it and returns the result, or raises :class:`CommandFailed`."""
+
+    validate: Callable[[dict[str, Any]], Any]
+    run: Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 def derive_expect(req: CommandRequest) -> dict[str, Any] | None:
@@ -67,6 +90,12 @@ class Commander:
         self._timeout = default_timeout_s
         # id -> (device, deadline, expect); commands still waiting for their confirmation
         self._pending: dict[str, tuple[str, float, dict[str, Any] | None]] = {}
+        self._local: dict[tuple[str, str], LocalCommand] = {}
+        self._running: set[asyncio.Task[None]] = set()
+
+    def register_local(self, device_id: str, command: str, handler: LocalCommand) -> None:
+        """Queued commands for ``device_id`` named ``command`` run ``handler`` in this process."""
+        self._local[(device_id, command)] = handler
 
     async def load(self) -> None:
         rows = await self._db.fetchall("SELECT id, device_id, deadline, expect FROM commands WHERE state = 'sent'")
@@ -157,13 +186,18 @@ class Commander:
 
     async def run_queue(self, interval_s: float = QUEUE_POLL_S) -> None:
         await self._queue_recover()
-        while True:
-            rows = await self._db.fetchall(
-                "SELECT id, device_id, command, args, expect, timeout_s, expires_at FROM command_queue"
-                " WHERE state = 'queued' ORDER BY received_at LIMIT 20")
-            for r in rows:
-                await self._run_queued(r)
-            await asyncio.sleep(interval_s)
+        try:
+            while True:
+                rows = await self._db.fetchall(
+                    "SELECT id, device_id, command, args, expect, timeout_s, expires_at FROM command_queue"
+                    " WHERE state = 'queued' ORDER BY received_at LIMIT 20")
+                for r in rows:
+                    await self._run_queued(r)
+                await asyncio.sleep(interval_s)
+        finally:
+            # a local command cut short stays 'sent' and times out after a restart (load())
+            for task in list(self._running):
+                task.cancel()
 
     async def _run_queued(self, r: sqlite3.Row) -> None:
         qid = r[0]
@@ -177,6 +211,10 @@ class Commander:
         if r[6] is not None and r[6] < now:
             await self._queue_reject(qid, "expired", "the command expired before the gateway could send it")
             return
+        local = self._local.get((r[1], r[2]))
+        if local is not None:
+            await self._start_local(qid, cid, r, local)
+            return
         try:
             req = CommandRequest(command=r[2], args=json.loads(r[3]), expect=json.loads(r[4]) if r[4] else None,
                                  timeout_s=r[5])
@@ -189,6 +227,38 @@ class Commander:
                 await self._queue_reject(qid, "device_ignored", str(exc))
         except ValueError as exc:  # validation of a row written by an older sync
             await self._queue_reject(qid, "invalid", str(exc)[:300])
+
+    async def _start_local(self, qid: str, cid: str, r: sqlite3.Row, local: LocalCommand) -> None:
+        args = json.loads(r[3])
+        try:
+            request = local.validate(args)
+        except ValueError as exc:  # pydantic's ValidationError is one
+            await self._queue_reject(qid, "invalid", str(exc)[:300])
+            return
+        device, command = r[1], r[2]
+        now = time.time()
+        deadline = now + (r[5] or LOCAL_TIMEOUT_S)
+        await self._db.write(lambda c: c.execute(
+            "INSERT INTO commands (id, device_id, command, args, expect, state, created_at, updated_at, deadline)"
+            " VALUES (?, ?, ?, ?, NULL, 'sent', ?, ?, ?)", (cid, device, command, r[3], now, now, deadline)))
+        self._pending[cid] = (device, deadline, None)
+        await self._events.record("command.sent", device, {"id": cid, "command": command, "actor": "cloud"})
+        # runs beside the queue: a long download must not hold up the commands behind it
+        task = asyncio.create_task(self._run_local(cid, local, request), name=f"command.{command}.{cid}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_local(self, cid: str, local: LocalCommand, request: Any) -> None:
+        try:
+            result = await local.run(request)
+        except CommandFailed as exc:
+            await self._finish(cid, CommandState.FAILED, exc.result)
+        except Exception as exc:
+            log.exception("commands.local_failed", id=cid)
+            await self._finish(cid, CommandState.FAILED, {"error": {"code": "internal",
+                                                                    "message": f"{type(exc).__name__}: {exc}"}})
+        else:
+            await self._finish(cid, CommandState.CONFIRMED, result)
 
     async def _queue_reject(self, qid: str, code: str, message: str) -> None:
         body = json.dumps({"code": code, "message": message})

@@ -28,7 +28,9 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cloud_sync.contract import OTA_ROLLOUT_COMMAND
 from firmware.tools import manifest as mf
+from gateway.devices.commands import CommandFailed, LocalCommand
 from gateway.ota.campaigns import (
     IN_FLIGHT,
     TERMINAL,
@@ -124,6 +126,20 @@ class CampaignRequest(BaseModel):
     max_failures: int = Field(default=0, ge=0)
 
 
+class CloudRollout(BaseModel):
+    """Args of the cloud's ``ota_rollout`` command (docs/cloud-contract.md): a signed manifest
+    envelope, where to fetch the image, and the campaign's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: dict[str, Any]
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    target: Target | None = None
+    canary: int = Field(default=0, ge=0, le=1000)
+    max_concurrent: int = Field(default=5, ge=1, le=MAX_CONCURRENT_LIMIT)
+    max_failures: int = Field(default=0, ge=0)
+
+
 class OtaError(Exception):
     def __init__(self, code: str, message: str, status: int = 422) -> None:
         super().__init__(message)
@@ -163,6 +179,8 @@ class OtaService:
         self.flash_jobs = FlashJobs(self.gw)
         self.gw.ingest.ota_observers.append(self.on_status)
         self.gw.supervisor.start("ota.campaigns", self.run)
+        self.gw.commander.register_local(self.gw.settings.gateway.id, OTA_ROLLOUT_COMMAND,
+                                         LocalCommand(CloudRollout.model_validate, self._cloud_rollout))
         self.gw.health.register("ota", self.health)
         self.gw.metrics.ota_campaigns_open.set(len(self.campaigns.open))
         log.info("ota.ready", key_id=mf.key_id(self._key.public_key()), open_campaigns=len(self.campaigns.open))
@@ -489,6 +507,16 @@ class OtaService:
         return device
 
     # -- cloud-initiated rollout -------------------------------------------------------------------------------
+    async def _cloud_rollout(self, req: CloudRollout) -> dict[str, Any]:
+        """The ``ota_rollout`` command from the cloud (queued by the sync, run by the commander)."""
+        try:
+            c = await self.rollout_from_cloud(req.manifest, req.url, target=req.target, canary=req.canary,
+                                              max_concurrent=req.max_concurrent, max_failures=req.max_failures)
+        except OtaError as exc:
+            raise CommandFailed({"error": {"code": exc.code, "message": exc.message}}) from None
+        return {"campaign": c.id, "firmware": c.firmware, "project": c.project, "version": c.version,
+                "target": c.target, "nodes": len(c.nodes), "state": c.state.value}
+
     async def rollout_from_cloud(self, envelope: str | dict[str, Any], url: str, *, target: Target | None = None,
                                  canary: int = 0, max_concurrent: int = 5, max_failures: int = 0,
                                  actor: str = "cloud") -> Campaign:
