@@ -36,8 +36,20 @@ async def run_sync(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     svc = SyncService(settings)
     await svc.start()
-    # systemd (Type=notify, siteward-sync.service): ready once the loops run; watchdog gated on their health
-    notifier = systemd_notify.announce_ready(svc.supervisor, "syncing")
+    # systemd (Type=notify, siteward-sync.service): READY once the store is open and the loops
+    # run (a store that never comes fails the start after TimeoutStartSec, and systemd retries);
+    # the watchdog, gated on the loops' health, starts with it
+    waiting = systemd_notify.Notifier()
+    waiting.status("waiting for the gateway's store")
+    ready = asyncio.ensure_future(svc.ready.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    stopped.cancel()
+    if stop.is_set():
+        await svc.stop("shutdown")
+        return
+    notifier = systemd_notify.announce_ready(svc.supervisor, "syncing", waiting)
     svc.status_hook = notifier.status  # STATUS= says what the link is doing
     replaced = asyncio.Event()
 

@@ -204,3 +204,56 @@ source = "assume_synced"
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_siteward_sync_is_ready_only_once_the_store_is_open(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """The sync unit is ordered after the gateway, but a store that is not there yet must not
+    pass for a running sync: READY comes once the gateway's store exists and the loops run."""
+    from gateway.metrics import Metrics
+    from gateway.store.database import Database
+
+    data = tmp_path / "data"
+    cfg = tmp_path / "siteward.toml"
+    with socket.socket() as s:  # a cloud that does not answer: READY does not depend on the link
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    cfg.write_text(f"""
+[gateway]
+id = "gw-notify"
+data_dir = "{data}"
+[cloud]
+enabled = true
+host = "127.0.0.1"
+port = {dead_port}
+transport = "tcp"
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SITEWARD_")}
+    env.update(NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="2000000")
+    log = open(tmp_path / "sync.log", "w")  # noqa: SIM115  (closed in finally)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(cfg), "sync"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        waiting = systemd.wait_for("STATUS", 60)
+        assert "waiting" in waiting["STATUS"]
+        time.sleep(2.0)
+        assert not any("READY" in m for m in systemd.since(0)), systemd.messages
+
+        async def create_store() -> None:  # what the gateway does on its first start
+            db = Database(data / "siteward.db", Metrics())
+            await db.open()
+            await db.close()
+
+        data.mkdir(parents=True, exist_ok=True)
+        asyncio.run(create_store())
+        ready = systemd.wait_for("READY", 60)
+        assert ready["STATUS"] == "syncing"
+        proc.send_signal(signal.SIGTERM)
+        systemd.wait_for("STOPPING", 30)
+        assert proc.wait(60) == 0
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{(tmp_path / 'sync.log').read_text()[-3000:]}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
