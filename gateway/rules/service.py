@@ -30,7 +30,7 @@ from gateway.rules.targets import Targets
 from gateway.rules.webhook import Webhook
 from gateway.store.database import Database
 from gateway.store.events import EventLog
-from gateway.store.readings import Outbox
+from gateway.store.readings import Outbox, ReadingsQuery
 from gateway.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -62,6 +62,7 @@ class Rules:
         self.cfg = cfg
         self._db = db
         self._outbox = outbox
+        self._readings = ReadingsQuery(db)
         self._profiles = profiles
         self._clock = clock
         self._snapshot = health_snapshot
@@ -152,13 +153,9 @@ class Rules:
         disk = self._snapshot().get("components", {}).get("disk") or {}
         if disk.get("total_bytes"):
             facts.disk_free_percent = 100.0 * disk["free_bytes"] / disk["total_bytes"]
-        acked = await self._outbox.min_watermark()
-        if acked is not None:
-            # the readings table is the outbox; the oldest row past the lowest watermark is
-            # the oldest the cloud has not acknowledged (ids follow arrival order)
-            row = await self._db.fetchone("SELECT ts FROM readings WHERE id > ? ORDER BY id LIMIT 1", (acked,))
-            if row is not None:
-                facts.backlog_age_s = max(0.0, self._clock.wall() - float(row[0]))
+        oldest = await self._outbox.oldest_unacknowledged_ts()
+        if oldest is not None:
+            facts.backlog_age_s = max(0.0, self._clock.wall() - oldest)
         return facts
 
     def health(self) -> dict[str, Any]:
@@ -192,7 +189,7 @@ class Rules:
             for route in p.routes:
                 names.update(route.units)
                 names.update(f.metric for f in route.fields.values())
-        names.update(r[0] for r in await self._db.fetchall("SELECT DISTINCT metric FROM series"))
+        names.update(await self._readings.all_metrics())
         return frozenset(names)
 
     async def parse_rule(self, body: Any) -> AlertRule:

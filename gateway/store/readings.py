@@ -23,6 +23,7 @@ what is stored and refuses new readings (counted) until space frees up.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import sqlite3
 import time
@@ -165,6 +166,29 @@ class ReadingsQuery:
                                        (device_id,))
         return [r[0] for r in rows]
 
+    async def all_metrics(self) -> list[str]:
+        """Every metric some device has sent (removed devices' too: their readings stay)."""
+        return [r[0] for r in await self._db.fetchall("SELECT DISTINCT metric FROM series ORDER BY metric")]
+
+    async def devices_with_data(self) -> list[str]:
+        return [r[0] for r in await self._db.fetchall("SELECT DISTINCT device_id FROM series ORDER BY device_id")]
+
+    async def series_list(self, devices: list[str] | None = None,
+                          metrics: list[str] | None = None) -> list[tuple[int, str, str, str]]:
+        """(series id, device, metric, unit), by device then metric; empty filters mean all."""
+        where, params = [], []
+        if devices:
+            where.append("device_id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(devices))
+        if metrics:
+            where.append("metric IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(metrics))
+        sql = "SELECT id, device_id, metric, unit FROM series"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = await self._db.fetchall(sql + " ORDER BY device_id, metric", params)
+        return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
 
 class Outbox:
     """The readings table seen as an outbox: consumers and their acknowledged watermark."""
@@ -186,6 +210,16 @@ class Outbox:
         """Lowest acknowledged id over all consumers; None when nobody consumes."""
         row = await self._db.fetchone("SELECT min(acked_id), count(*) FROM outbox_consumers")
         return int(row[0]) if row and row[1] else None
+
+    async def oldest_unacknowledged_ts(self) -> float | None:
+        """Timestamp of the oldest reading some consumer has not acknowledged; None when every
+        consumer is up to date or nobody consumes."""
+        acked = await self.min_watermark()
+        if acked is None:
+            return None
+        # ids follow arrival order: the first row past the lowest watermark is the oldest waiting
+        row = await self._db.fetchone("SELECT ts FROM readings WHERE id > ? ORDER BY id LIMIT 1", (acked,))
+        return float(row[0]) if row else None
 
 
 class Maintenance:

@@ -18,7 +18,7 @@ async def export_page(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     names = {d.id: d.name for d in await gw.registry.list_devices()}
     # every device with stored data, removed ones too: their readings stay and can be exported
-    ids = [r[0] for r in await gw.db.fetchall("SELECT DISTINCT device_id FROM series ORDER BY device_id")]
-    metrics = [r[0] for r in await gw.db.fetchall("SELECT DISTINCT metric FROM series ORDER BY metric")]
+    ids = await gw.readings.devices_with_data()
+    metrics = await gw.readings.all_metrics()
     return render_page(request, "export.html", title="Export", current="/export",
                        devices=[(i, names.get(i)) for i in ids], metrics=metrics)

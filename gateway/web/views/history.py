@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from datetime import UTC, datetime
@@ -179,19 +178,7 @@ def _cell(text: str) -> str:
 
 
 async def _export_series(gw: Any, q: ExportQuery) -> list[tuple[int, str, str, str]]:
-    where, params = [], []
-    devices, metrics = q.device_list, q.metric_list
-    if devices:
-        where.append("device_id IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps(devices))
-    if metrics:
-        where.append("metric IN (SELECT value FROM json_each(?))")
-        params.append(json.dumps(metrics))
-    sql = "SELECT id, device_id, metric, unit FROM series"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    rows = await gw.db.fetchall(sql + " ORDER BY device_id, metric", params)
-    return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+    return await gw.readings.series_list(q.device_list, q.metric_list)
 
 
 @routes.get("/api/v1/export.csv")
