@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Build the Siteward SD-card image for Raspberry Pi 4/5 (arm64, Debian bookworm).
+# Build the Siteward SD-card image for the Raspberry Pi 4 (arm64, Debian bookworm; the Pi 5 is not
+# supported by bookworm's kernel: docs/appliance.md, "Raspberry Pi 5").
 #
-#   image/build.sh [--variant release|test] [--out DIR] [--fresh]
+#   image/build.sh [--variant release|test] [--initramfs most|list] [--out DIR] [--fresh]
+#
+# --variant release (the default) is what installers flash; test is what the boot test boots
+# (docs/appliance.md, "Release and test builds"). --initramfs overrides the variant's initramfs
+# module policy: release builds use MODULES=most (every storage driver: boots from SD, USB mass
+# storage, NVMe, on boards this machine cannot try), test builds MODULES=list
+# (image/base/initramfs-modules: enough for SD and qemu), which saves ~10 minutes of emulated
+# build time per base.
+# `--variant test --initramfs most` builds a bootable test image with the release's initramfs.
 #
 # Stages, each cached (in ~/.cache/siteward-image, or $SITEWARD_IMAGE_CACHE) by a hash of exactly its inputs, so a test run
 # rebuilds only what changed (usually just the last, cheap stage):
@@ -28,6 +37,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 CACHE="${SITEWARD_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/siteward-image}"
 OUT="$HERE/out"
 VARIANT=release
+INITRAMFS_MODULES=
 FRESH=0
 PYTHON="${PYTHON:-python3}"
 MIRROR="${SITEWARD_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -42,13 +52,15 @@ DATA_MB=128
 while [ $# -gt 0 ]; do
     case "$1" in
         --variant) VARIANT="$2"; shift 2 ;;
+        --initramfs) INITRAMFS_MODULES="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --fresh) FRESH=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
 case "$VARIANT" in release|test) ;; *) echo "build.sh: --variant is release or test" >&2; exit 2 ;; esac
+case "$INITRAMFS_MODULES" in ''|most|list) ;; *) echo "build.sh: --initramfs is most or list" >&2; exit 2 ;; esac
 [ "$(id -u)" -eq 0 ] || { echo "build.sh: run as root (mmdebstrap --mode=root, file ownership in the image)" >&2; exit 1; }
 
 PACKAGES=(
@@ -63,11 +75,21 @@ if [ "$VARIANT" = test ]; then
     # the boot test runs commands in the guest through the QEMU guest agent (virtio-serial);
     # a release image has no such channel
     PACKAGES+=(qemu-guest-agent)
-    INITRAMFS_MODULES=list
+    # MODULES=list (image/base/initramfs-modules): the Pi 4's SD driver plus virtio for qemu, ~36 s
+    # instead of ~10 min; not enough for USB boot (no sd_mod): docs/appliance.md
+    : "${INITRAMFS_MODULES:=list}"
 else
-    # MODULES=most: the initramfs can boot any Pi 4/5 storage (SD, USB, NVMe), at ~10 min of
-    # emulated build time; the list covers the boards we know but cannot test on here
-    INITRAMFS_MODULES=most
+    # MODULES=most (Debian's default): the initramfs can mount the root file system from any
+    # storage the kernel supports (SD, USB mass storage, NVMe behind PCIe), on boards and adapters
+    # we cannot boot here; ~10 min of emulated build time, paid once per release base
+    : "${INITRAMFS_MODULES:=most}"
+fi
+# the cache entries of a variant built with the other initramfs policy are kept apart, so that
+# such a build does not evict the usual base and venv (the cache keeps one of each per flavour)
+FLAVOUR="$VARIANT"
+if { [ "$VARIANT" = test ] && [ "$INITRAMFS_MODULES" != list ]; } || \
+   { [ "$VARIANT" = release ] && [ "$INITRAMFS_MODULES" != most ]; }; then
+    FLAVOUR="$VARIANT+$INITRAMFS_MODULES"
 fi
 
 log() { printf '[build %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -95,9 +117,9 @@ T0=$(date +%s)
 # ---------------------------------------------------------------------------------------
 # 1. base
 BASE_KEY="$(hash_of "-$SUITE $MIRROR $VARIANT $INITRAMFS_MODULES ${PACKAGES[*]}" "$HERE/base" "$HERE/hooks")"
-BASE="$CACHE/base-$VARIANT-$BASE_KEY"
+BASE="$CACHE/base-$FLAVOUR-$BASE_KEY"
 build_base() {
-    log "base: mmdebstrap $SUITE arm64 ($VARIANT), cache key $BASE_KEY"
+    log "base: mmdebstrap $SUITE arm64 ($VARIANT, initramfs MODULES=$INITRAMFS_MODULES), cache key $BASE_KEY"
     if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
         mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
         update-binfmts --enable qemu-aarch64
@@ -120,7 +142,7 @@ build_base() {
         "deb $MIRROR $SUITE-updates $comps" \
         "deb $SECURITY_MIRROR $SUITE-security $comps"
     mv "$BASE.tmp" "$BASE"
-    gc_cache "base-$VARIANT-*" 1
+    gc_cache "base-$FLAVOUR-*" 1
 }
 if [ "$FRESH" = 1 ] || [ ! -d "$BASE" ]; then build_base; else log "base: cached ($BASE_KEY)"; fi
 T_BASE=$(date +%s)
@@ -172,7 +194,7 @@ fi
 # bump when the way the venv is made changes
 VENV_RECIPE=2
 VENV_KEY="$(hash_of "-$BASE_KEY $VENV_RECIPE" "$WHEELS")"
-VENV_TAR="$CACHE/venv-$VARIANT-$VENV_KEY.tar"
+VENV_TAR="$CACHE/venv-$FLAVOUR-$VENV_KEY.tar"
 SITE=opt/siteward/venv/lib/python3.11/site-packages
 TARGET_PLATFORM=(--only-binary=:all: --platform manylinux_2_36_aarch64 --platform manylinux_2_28_aarch64
     --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 --platform linux_aarch64
@@ -198,7 +220,7 @@ if [ "$FRESH" = 1 ] || [ ! -f "$VENV_TAR" ]; then
     tar -C "$scratch/root" -cf "$VENV_TAR.tmp" opt/siteward
     mv "$VENV_TAR.tmp" "$VENV_TAR"
     rm -rf "$scratch"
-    gc_cache "venv-$VARIANT-*.tar" 1
+    gc_cache "venv-$FLAVOUR-*.tar" 1
 fi
 T_VENV=$(date +%s)
 [ "${SITEWARD_STOP_AFTER:-}" = venv ] && exit 0
@@ -244,7 +266,7 @@ chmod 0755 "$TREE/opt/siteward/venv/bin/siteward"
 ln -sf /opt/siteward/venv/bin/siteward "$TREE/usr/local/bin/siteward"
 
 cp -a "$HERE/rootfs/." "$TREE/"
-install -m 0644 "$ROOT"/systemd/*.service "$TREE/usr/lib/systemd/system/"
+install -m 0644 "$ROOT"/systemd/*.service "$ROOT"/systemd/*.timer "$TREE/usr/lib/systemd/system/"
 install -D -m 0644 "$ROOT/docs/appliance.md" "$TREE/usr/share/doc/siteward/appliance.md"
 SW_GID="$(awk -F: '$1 == "siteward" {print $3}' "$TREE/etc/group")"
 chown -R "0:$SW_GID" "$TREE/etc/siteward"
@@ -306,7 +328,8 @@ fi
 T_END=$(date +%s)
 RAW_BYTES=$(( (start + boot_s + root_s + data_s) * 512 ))
 cat > "$OUT/$NAME.build.json" <<JSON
-{"name": "$NAME", "variant": "$VARIANT", "key": "$IMAGE_KEY", "artifact": "$(basename "$ARTIFACT")",
+{"name": "$NAME", "variant": "$VARIANT", "initramfs_modules": "$INITRAMFS_MODULES", "key": "$IMAGE_KEY",
+ "artifact": "$(basename "$ARTIFACT")",
  "artifact_bytes": $(stat -c %s "$ARTIFACT"), "raw_bytes": $RAW_BYTES,
  "root_used_bytes": $(du -sb "$TREE" | cut -f1),
  "seconds": {"base": $((T_BASE - T0)), "venv": $((T_VENV - T_BASE)), "assemble": $((T_ASM - T_VENV)),

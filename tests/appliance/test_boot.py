@@ -222,8 +222,17 @@ def test_both_units_run_under_systemd_with_their_hardening(vm: VM) -> None:
     assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status, status
     # systemd's own verdict on the installed units, inside the real system
     verify = vm.agent.sh("systemd-analyze verify siteward-gateway.service siteward-sync.service "
-                         "siteward-firstboot.service siteward-growdata.service 2>&1")
+                         "siteward-firstboot.service siteward-growdata.service siteward-recover@siteward-gateway.timer "
+                         "siteward-recover@siteward-gateway.service siteward-recover@siteward-sync.service 2>&1")
     assert verify.code == 0 and verify.out.strip() == "", verify
+    # the crash-loop recovery (its logic runs under a private systemd in test_crash_loop.py): wired up,
+    # and its sandboxed systemctl really reaches PID 1. Recovering a unit that is up changes nothing.
+    assert vm.agent.sh("systemctl show -p OnFailure --value siteward-gateway.service").out.strip() == \
+        "siteward-recover@siteward-gateway.timer"
+    recover = vm.agent.sh("systemctl start siteward-recover@siteward-gateway.service && "
+                          "systemctl show -p Result,ExecMainStatus siteward-recover@siteward-gateway.service")
+    assert recover.code == 0 and "Result=success" in recover.out and "ExecMainStatus=0" in recover.out, recover
+    assert unit_pid(vm, "siteward-gateway.service") == pid
     # "degraded" would name a failed unit; "starting" while Wi-Fi still waits for a radio that is not there
     FIGURES["system_state_at_test"] = vm.agent.sh("systemctl is-system-running").out.strip()
     failed = vm.agent.sh("systemctl --failed --no-legend --plain").out
