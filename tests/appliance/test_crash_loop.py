@@ -20,6 +20,7 @@ machine does not allow them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -108,6 +109,27 @@ def _unavailable() -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when pytest dies (a timeout, a kill), so that a
+    manager whose teardown never ran stops its units and exits anyway."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _remove_cgroup(path: Path) -> None:
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    path.rmdir()
+
+
+def _remove_stale_cgroups(parent: Path) -> None:
+    """Empty cgroups left by earlier runs that died before their teardown (their pytest is gone)."""
+    for old in parent.glob("siteward-crash-loop-test-*"):
+        owner = old.name.split("-")[4]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            with contextlib.suppress(OSError):
+                _remove_cgroup(old)
+
+
 def sections(text: str) -> list[tuple[str, list[str]]]:
     """A unit file as (section, lines) in order, comments and blank lines dropped."""
     out: list[tuple[str, list[str]]] = []
@@ -172,6 +194,7 @@ class UserManager:
         stand_in_units(self.units, self.state)
         cg2 = _cgroup2_mount()
         assert cg2 is not None
+        _remove_stale_cgroups(cg2)
         self.cgroup = cg2 / f"siteward-crash-loop-test-{os.getpid()}-{time.monotonic_ns()}"
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(tmp),
                     "XDG_RUNTIME_DIR": str(self.run), "XDG_CONFIG_HOME": str(tmp / "config"),
@@ -186,7 +209,8 @@ class UserManager:
             self.proc = subprocess.Popen(
                 ["sh", "-c", f'echo $$ > "{self.cgroup}/cgroup.procs" && exec unshare --mount --cgroup '
                  f'--propagation private sh "{self.tmp}/inner.sh"'],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -256,9 +280,7 @@ class UserManager:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p, signal.SIGKILL)
                 time.sleep(0.1)
-            for d in sorted((p for p in self.cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                d.rmdir()
-            self.cgroup.rmdir()
+            _remove_cgroup(self.cgroup)
 
 
 @pytest.fixture(scope="module")
