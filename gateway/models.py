@@ -91,6 +91,18 @@ class Device(BaseModel):
     created_at: float
     attributes: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def tags(self) -> frozenset[str]:
+        """Labels a technician (PATCH /api/v1/devices/{id}) or the node itself put in
+        ``attributes["tags"]``: a list, or one comma-separated string. Rules and OTA
+        campaigns target devices by them."""
+        raw: Any = self.attributes.get("tags")
+        if isinstance(raw, str):
+            return frozenset(t.strip() for t in raw.split(",") if t.strip())
+        if isinstance(raw, list | tuple):
+            return frozenset(str(t) for t in raw)
+        return frozenset()
+
 
 class Event(BaseModel):
     id: int | None = None

@@ -226,7 +226,7 @@ class DeviceRegistry:
         if "firmware" in changes and dev.firmware is not None:
             await self._events.record("device.firmware", device_id, {"from": dev.firmware, "to": changes["firmware"]})
         self._set(device_id, **changes)
-        await self._persist(device_id, **{k: (json.dumps(v) if k == "attributes" else v) for k, v in changes.items()})
+        await self._persist(device_id, **changes)
 
     async def set_online(self, device_id: str, online: bool, reason: str, ts: float | None = None) -> None:
         dev = self._devices.get(device_id)
@@ -248,10 +248,16 @@ class DeviceRegistry:
         self._update_gauges()
 
     # -- what technicians do ------------------------------------------------------------------
-    async def update_meta(self, device_id: str, *, name: str | None = None, location: str | None = None) -> Device:
+    async def update_meta(self, device_id: str, *, name: str | None = None, location: str | None = None,
+                          tags: list[str] | None = None) -> Device:
         if device_id not in self._devices:
             raise UnknownDevice(device_id)
-        changes = {k: v for k, v in (("name", name), ("location", location)) if v is not None}
+        changes: dict[str, Any] = {k: v for k, v in (("name", name), ("location", location)) if v is not None}
+        if tags is not None:
+            attributes = {**self._devices[device_id].attributes, "tags": sorted(set(tags))}
+            if not tags:
+                del attributes["tags"]
+            changes["attributes"] = attributes
         if changes:
             await self._persist(device_id, **changes)
             self._set(device_id, **changes)
@@ -309,7 +315,7 @@ class DeviceRegistry:
 
     async def _persist(self, device_id: str, **cols: Any) -> None:
         assigns = ", ".join(f"{k} = ?" for k in cols)
-        params = (*cols.values(), device_id)
+        params = (*(json.dumps(v) if k == "attributes" else v for k, v in cols.items()), device_id)
         await self._db.write(lambda c: c.execute(f"UPDATE devices SET {assigns} WHERE id = ?", params))
 
     def _update_gauges(self) -> None:

@@ -264,10 +264,7 @@ class OtaService:
             if not self._ota_capable(d) or d.state.value == "ignored":
                 continue
             if target.tag is not None:
-                tags = d.attributes.get("tags", [])
-                if isinstance(tags, str):
-                    tags = [t.strip() for t in tags.split(",")]
-                if target.tag in tags:
+                if target.tag in d.tags:
                     out.append(d.id)
             elif target.model is not None and d.attributes.get("model") == target.model:
                 out.append(d.id)

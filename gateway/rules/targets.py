@@ -9,22 +9,9 @@ from the store.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from gateway.devices.registry import DeviceRegistry
-from gateway.models import Device
 from gateway.rules.models import Target
-
-
-def device_tags(dev: Device | None) -> frozenset[str]:
-    if dev is None:
-        return frozenset()
-    raw: Any = dev.attributes.get("tags")
-    if isinstance(raw, str):
-        return frozenset(t.strip() for t in raw.split(",") if t.strip())
-    if isinstance(raw, list | tuple):
-        return frozenset(str(t) for t in raw)
-    return frozenset()
 
 
 class Targets:
@@ -49,14 +36,14 @@ class Targets:
             return device_id == target.device
         dev = self._registry.get_cached(device_id)
         return target.matches(device_id, dev.kind if dev else None, dev.profile if dev else None,
-                              device_tags(dev), self.groups)
+                              dev.tags if dev else frozenset(), self.groups)
 
     async def members(self, target: Target) -> list[str]:
         """Device ids the target names now (a device or group member even before it has been seen)."""
         if target.device is not None:
             return [target.device]
         found = [d.id for d in await self._registry.list_devices()
-                 if target.matches(d.id, d.kind, d.profile, device_tags(d), self.groups)]
+                 if target.matches(d.id, d.kind, d.profile, d.tags, self.groups)]
         if target.tag is not None:
             # a group names its devices: those not seen yet count too (a command to one is
             # refused and recorded as such, rather than silently skipped)

@@ -91,6 +91,29 @@ async def test_readings_history_with_validated_parameters(site: Site) -> None:
     assert (await admin.get("/api/v1/devices/nope/readings")).status == 404
 
 
+async def test_tags_set_through_the_api_are_what_rules_and_campaigns_target(site: Site) -> None:
+    from gateway.rules.models import Target
+
+    for dev in ("node-1", "node-2"):
+        await site.gw.registry.ensure(dev, profile="native")
+    await site.user("tech", "technician")
+    tech = site.client()
+    assert (await tech.login("tech", "another fine password")).status == 200
+    r = await tech.call("PATCH", "/api/v1/devices/node-1", json_body={"tags": "boiler, floor-1 ,boiler"})
+    assert r.status == 200 and r.json["attributes"]["tags"] == ["boiler", "floor-1"]
+    r = await tech.call("PATCH", "/api/v1/devices/node-2", json_body={"tags": ["floor-1"]})
+    assert r.status == 200
+    assert await site.gw.rules.targets.members(Target(tag="boiler")) == ["node-1"]
+    assert sorted(await site.gw.rules.targets.members(Target(tag="floor-1"))) == ["node-1", "node-2"]
+    for bad in ({"tags": "has space"}, {"tags": ["x" * 40]}, {"tags": [f"t{i}" for i in range(40)]}):
+        assert (await tech.call("PATCH", "/api/v1/devices/node-1", json_body=bad)).status == 400, bad
+    # [] clears; the tags survive a restart of the registry (they are stored, not cached)
+    assert (await tech.call("PATCH", "/api/v1/devices/node-2", json_body={"tags": []})).json["attributes"] == {}
+    stored = await site.gw.db.fetchone("SELECT attributes FROM devices WHERE id = 'node-1'")
+    assert stored is not None and '"boiler"' in stored[0]
+    assert await site.gw.rules.targets.members(Target(tag="floor-1")) == ["node-1"]
+
+
 async def test_technician_changes_devices_and_each_change_is_audited(site: Site) -> None:
     await _post_readings(site, "node-1", {"temperature": 21.5})
     tech = site.client()

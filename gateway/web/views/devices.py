@@ -4,10 +4,10 @@ MQTT credentials."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.devices.registry import UnknownDevice
 from gateway.models import DEVICE_ID_PATTERN, Device, DeviceId, DeviceState, MetricName
@@ -38,11 +38,22 @@ class ReadingsParams(BaseModel):
         return self
 
 
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}$"
+
+
 class DeviceChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=128)
     location: str | None = Field(default=None, max_length=128)
+    # replaces the device's tags (what rules and OTA campaigns target); [] or "" clears them
+    tags: list[Annotated[str, Field(pattern=TAG_PATTERN)]] | None = Field(default=None, max_length=32)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        # the device page's form sends one comma-separated string
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
 
 
 class NewDevice(BaseModel):
