@@ -21,6 +21,7 @@ import structlog
 from pydantic import BaseModel
 
 from gateway.store.database import Database
+from gateway.store.filters import Where
 
 log = structlog.get_logger(__name__)
 
@@ -120,40 +121,24 @@ class Audit:
     ) -> list[AuditEntry]:
         """Newest first. ``action`` ending in ``.*`` matches a family (``user.*``);
         ``before_id`` pages backwards through a long trail."""
-        where: list[str] = []
-        params: list[Any] = []
-        if actor is not None:
-            where.append("actor = ?")
-            params.append(actor)
+        where = Where()
+        where.given("actor = ?", actor)
         if action is not None:
             if action.endswith(".*"):
-                where.append("(action = ? OR action LIKE ? ESCAPE '\\')")
                 family = action[:-2]
-                params += [
+                where.add(
+                    "(action = ? OR action LIKE ? ESCAPE '\\')",
                     family,
                     family.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ".%",
-                ]
+                )
             else:
-                where.append("action = ?")
-                params.append(action)
-        if target is not None:
-            where.append("target = ?")
-            params.append(target)
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("ts < ?")
-            params.append(until)
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        sql = "SELECT id, ts, actor, action, target, detail FROM audit"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(max(1, min(int(limit), 10_000)))
-        rows = await self.db.fetchall(sql, params)
+                where.add("action = ?", action)
+        where.given("target = ?", target)
+        where.given("ts >= ?", since)
+        where.given("ts < ?", until)
+        where.given("id < ?", before_id)
+        sql = "SELECT id, ts, actor, action, target, detail FROM audit" + where.sql() + " ORDER BY id DESC LIMIT ?"
+        rows = await self.db.fetchall(sql, [*where.params, max(1, min(int(limit), 10_000))])
         out = []
         for r in rows:
             try:

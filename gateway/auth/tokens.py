@@ -25,6 +25,7 @@ from gateway.auth.errors import InvalidInput, NotFound
 from gateway.auth.principal import AuthMethod, Principal, Role
 from gateway.auth.sessions import digest
 from gateway.store.database import Database
+from gateway.store.filters import Where
 
 PREFIX = "swt_"
 _TOKEN_RE = re.compile(r"^swt_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{43})$")
@@ -128,16 +129,11 @@ class TokenStore:
     async def list_tokens(
         self, username: str | None = None, *, include_revoked: bool = False
     ) -> list[TokenInfo]:
-        sql = "SELECT * FROM api_tokens"
-        where, params = [], []
-        if username is not None:
-            where.append("username = ?")
-            params.append(username)
+        where = Where()
+        where.given("username = ?", username)
         if not include_revoked:
-            where.append("revoked_at IS NULL")
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await self.db.fetchall(sql + " ORDER BY created_at", params)
+            where.add("revoked_at IS NULL")
+        rows = await self.db.fetchall("SELECT * FROM api_tokens" + where.sql() + " ORDER BY created_at", where.params)
         return [_row_to_info(r) for r in rows]
 
     async def revoke(self, token_id: str, *, actor: str) -> TokenInfo:

@@ -26,6 +26,7 @@ from gateway.audit import Audit
 from gateway.metrics import Metrics
 from gateway.store.database import Database
 from gateway.store.events import EventLog
+from gateway.store.filters import Where
 
 log = structlog.get_logger(__name__)
 
@@ -186,27 +187,18 @@ class AlertStore:
                     severity: str | None = None, since: float | None = None, before_id: int | None = None,
                     limit: int = 200) -> list[Alert]:
         """Newest first. ``state`` is one of the states or ``"open"`` (active or acknowledged)."""
-        where: list[str] = []
-        params: list[Any] = []
+        where = Where()
         if state == "open":
-            where.append("state != 'cleared'")
-        elif state is not None:
-            where.append("state = ?")
-            params.append(state)
-        for col, v in (("rule_id", rule_id), ("device_id", device), ("severity", severity)):
-            if v is not None:
-                where.append(f"{col} = ?")
-                params.append(v)
-        if since is not None:
-            where.append("raised_at >= ?")
-            params.append(since)
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        sql = f"SELECT {_COLS} FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(max(1, min(limit, 10_000)))
-        return [_row(r) for r in await self._db.fetchall(sql, params)]
+            where.add("state != 'cleared'")
+        else:
+            where.given("state = ?", state)
+        where.given("rule_id = ?", rule_id)
+        where.given("device_id = ?", device)
+        where.given("severity = ?", severity)
+        where.given("raised_at >= ?", since)
+        where.given("id < ?", before_id)
+        sql = f"SELECT {_COLS} FROM alerts" + where.sql() + " ORDER BY id DESC LIMIT ?"
+        return [_row(r) for r in await self._db.fetchall(sql, [*where.params, max(1, min(limit, 10_000))])]
 
     async def counts(self) -> dict[str, int]:
         rows = await self._db.fetchall("SELECT severity, count(*) FROM alerts WHERE state != 'cleared'"

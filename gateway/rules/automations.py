@@ -38,6 +38,7 @@ from gateway.models import CommandRequest, CommandState
 from gateway.rules.alerts import Alert
 from gateway.rules.models import MAX_DURATION_S, AlertRule
 from gateway.store.database import Database
+from gateway.store.filters import Where
 
 log = structlog.get_logger(__name__)
 
@@ -255,18 +256,14 @@ class Actuator:
     # -- reading ----------------------------------------------------------------------------------------
     async def runs(self, *, origin: str | None = None, origin_id: str | None = None, alert_id: int | None = None,
                    device: str | None = None, before_id: int | None = None, limit: int = 100) -> list[Run]:
-        where: list[str] = []
-        params: list[Any] = []
-        for col, v in (("origin", origin), ("origin_id", origin_id), ("alert_id", alert_id), ("device_id", device)):
-            if v is not None:
-                where.append(f"{col} = ?")
-                params.append(v)
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        sql = f"SELECT {_COLS} FROM automation_runs" + (" WHERE " + " AND ".join(where) if where else "")
-        params.append(max(1, min(limit, 1000)))
-        return [_run(r) for r in await self._db.fetchall(sql + " ORDER BY id DESC LIMIT ?", params)]
+        where = Where()
+        where.given("origin = ?", origin)
+        where.given("origin_id = ?", origin_id)
+        where.given("alert_id = ?", alert_id)
+        where.given("device_id = ?", device)
+        where.given("id < ?", before_id)
+        sql = f"SELECT {_COLS} FROM automation_runs" + where.sql() + " ORDER BY id DESC LIMIT ?"
+        return [_run(r) for r in await self._db.fetchall(sql, [*where.params, max(1, min(limit, 1000))])]
 
     async def prune(self, older_than: float) -> int:
         return int(await self._db.write(lambda c: c.execute(

@@ -14,6 +14,7 @@ from typing import Any
 from gateway.bus import LiveBus
 from gateway.models import Event
 from gateway.store.database import Database
+from gateway.store.filters import Where
 
 
 class EventLog:
@@ -44,20 +45,10 @@ class EventLog:
 
     async def query(self, device: str | None = None, kind: str | None = None, since: float | None = None,
                     limit: int = 200) -> list[Event]:
-        where, params = [], []
-        if device is not None:
-            where.append("device_id = ?")
-            params.append(device)
-        if kind is not None:
-            where.append("kind = ?")
-            params.append(kind)
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        sql = "SELECT id, ts, device_id, kind, data FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        rows = await self._db.fetchall(sql, params)
+        where = Where()
+        where.given("device_id = ?", device)
+        where.given("kind = ?", kind)
+        where.given("ts >= ?", since)
+        sql = "SELECT id, ts, device_id, kind, data FROM events" + where.sql() + " ORDER BY id DESC LIMIT ?"
+        rows = await self._db.fetchall(sql, [*where.params, limit])
         return [Event(id=r[0], ts=r[1], device=r[2], kind=r[3], data=json.loads(r[4])) for r in rows]

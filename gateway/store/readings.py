@@ -34,6 +34,7 @@ import structlog
 from gateway.metrics import Metrics
 from gateway.models import StoredReading, TimeFlag
 from gateway.store.database import Database
+from gateway.store.filters import Where
 
 log = structlog.get_logger(__name__)
 
@@ -176,17 +177,14 @@ class ReadingsQuery:
     async def series_list(self, devices: list[str] | None = None,
                           metrics: list[str] | None = None) -> list[tuple[int, str, str, str]]:
         """(series id, device, metric, unit), by device then metric; empty filters mean all."""
-        where, params = [], []
+        where = Where()
         if devices:
-            where.append("device_id IN (SELECT value FROM json_each(?))")
-            params.append(json.dumps(devices))
+            where.add("device_id IN (SELECT value FROM json_each(?))", json.dumps(devices))
         if metrics:
-            where.append("metric IN (SELECT value FROM json_each(?))")
-            params.append(json.dumps(metrics))
-        sql = "SELECT id, device_id, metric, unit FROM series"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = await self._db.fetchall(sql + " ORDER BY device_id, metric", params)
+            where.add("metric IN (SELECT value FROM json_each(?))", json.dumps(metrics))
+        rows = await self._db.fetchall(
+            "SELECT id, device_id, metric, unit FROM series" + where.sql() + " ORDER BY device_id, metric",
+            where.params)
         return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 
 
