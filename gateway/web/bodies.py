@@ -7,7 +7,7 @@ must not echo its password back (or into a log).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -54,30 +54,43 @@ async def read_limited(request: web.Request, max_bytes: int) -> bytes:
     return bytes(buf)
 
 
+async def read_object(request: web.Request, max_bytes: int = DEFAULT_MAX_BODY) -> dict[str, Any] | None:
+    """The body as a JSON object; None when it is empty; 400 when it is not JSON or not an object."""
+    raw = await read_limited(request, max_bytes)
+    if not raw.strip():
+        return None
+    try:
+        data = loads_strict(raw)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    return data
+
+
+def validated(model: type[M], data: Any) -> M:
+    """``data`` as ``model``, or 400 with what is wrong where."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_request", describe(exc)) from None
+
+
 async def parse_body(
     request: web.Request, model: type[M], *, max_bytes: int = DEFAULT_MAX_BODY, allow_form: bool = False
 ) -> M:
     """A JSON body (or, where a plain HTML form posts, a form) as ``model``."""
-    data: Any
+    data: dict[str, Any] | None
     if allow_form and is_form(request):
         if request.content_length is not None and request.content_length > max_bytes:
             raise ApiError(413, "too_large", f"body is larger than {max_bytes} bytes")
         form = await request.post()
         data = {k: v for k, v in form.items() if isinstance(v, str)}
     else:
-        raw = await read_limited(request, max_bytes)
-        if not raw.strip():
+        data = await read_object(request, max_bytes)
+        if data is None:
             raise ApiError(400, "invalid_json", "a JSON body is required")
-        try:
-            data = loads_strict(raw)
-        except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"body is not valid JSON: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(400, "invalid_request", describe(exc)) from None
+    return validated(model, data)
 
 
 def parse_query(request: web.Request, model: type[M]) -> M:
@@ -91,6 +104,15 @@ def parse_query(request: web.Request, model: type[M]) -> M:
 
 def dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
+
+
+def paged(key: str, items: Sequence[Any], limit: int) -> dict[str, Any]:
+    """``{key: [items]}``, one page of a newest-first list; a full page adds ``next_before_id`` (its last
+    item's id), where the next page starts, as more may follow."""
+    body: dict[str, Any] = {key: [i.model_dump(mode="json") for i in items]}
+    if len(items) == limit:
+        body["next_before_id"] = items[-1].id
+    return body
 
 
 def json_ok(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -6,7 +6,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.web.access import requires
-from gateway.web.bodies import json_ok, parse_query
+from gateway.web.bodies import json_ok, paged, parse_query
 from gateway.web.keys import GATEWAY
 from gateway.web.timeparams import Timestamp
 
@@ -39,7 +39,4 @@ async def audit_trail(request: web.Request) -> web.Response:
         until=q.until,
         before_id=q.before_id,
     )
-    body = {"entries": [e.model_dump(mode="json") for e in entries]}
-    if len(entries) == q.limit:
-        body["next_before_id"] = entries[-1].id
-    return json_ok(body)
+    return json_ok(paged("entries", entries, q.limit))

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gateway.ble.manager import NotAdopted, normalise_address, parse_bindkey
 from gateway.web.access import principal_of, requires
-from gateway.web.bodies import describe, json_ok, loads_strict, parse_body, read_limited
+from gateway.web.bodies import json_ok, parse_body, read_object, validated
 from gateway.web.errors import ApiError, not_found
 from gateway.web.keys import GATEWAY
 
@@ -57,19 +57,8 @@ def _address(request: web.Request) -> str:
 
 
 async def _optional_body(request: web.Request) -> AdoptBody:
-    raw = await read_limited(request, MAX_BODY)
-    if not raw.strip():
-        return AdoptBody()
-    try:
-        data = loads_strict(raw)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "body must be a JSON object")
-    try:
-        return AdoptBody.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(400, "invalid_request", describe(exc)) from None
+    data = await read_object(request, MAX_BODY)
+    return AdoptBody() if data is None else validated(AdoptBody, data)
 
 
 async def _audit(request: web.Request, action: str, address: str, detail: dict[str, Any]) -> None:

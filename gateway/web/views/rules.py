@@ -8,7 +8,8 @@ schedules and acknowledge alerts. Rules and schedules of the config file are lis
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,12 +19,14 @@ from gateway.rules.alerts import AlertConflict, AlertNotFound
 from gateway.rules.models import RULE_ID_PATTERN, PositiveDuration, Schedule, TagName, UnknownKind
 from gateway.rules.service import Rules, RulesError
 from gateway.web.access import principal_of, requires
-from gateway.web.bodies import describe, json_ok, loads_strict, parse_body, parse_query, read_limited
+from gateway.web.bodies import describe, json_ok, paged, parse_body, parse_query, read_object, validated
 from gateway.web.errors import ApiError, not_found
 from gateway.web.keys import GATEWAY
 from gateway.web.timeparams import Timestamp
 
 routes = web.RouteTableDef()
+
+T = TypeVar("T")
 
 MAX_BODY = 64 * 1024
 
@@ -87,12 +90,8 @@ def _who(request: web.Request) -> tuple[str, dict[str, Any]]:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await read_limited(request, MAX_BODY)
-    try:
-        data = loads_strict(raw) if raw.strip() else None
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {type(exc).__name__}") from None
-    if not isinstance(data, dict):
+    data = await read_object(request, MAX_BODY)
+    if data is None:
         raise ApiError(400, "invalid_request", "body must be a JSON object")
     return data
 
@@ -106,6 +105,16 @@ def _with_path_id(request: web.Request, data: dict[str, Any], key: str) -> dict[
 
 def _failed(exc: RulesError) -> ApiError:
     return ApiError(exc.status, {404: "not_found", 409: "conflict"}.get(exc.status, "invalid_request"), str(exc))
+
+
+async def _change(request: web.Request, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, a change to the rules, made by the caller (``by``/``via``: audited);
+    a refusal (:class:`RulesError`) as its API error."""
+    by, via = _who(request)
+    try:
+        return await call(*args, by=by, via=via, **kwargs)
+    except RulesError as exc:
+        raise _failed(exc) from None
 
 
 # -- rules ---------------------------------------------------------------------------------------------
@@ -137,11 +146,7 @@ async def list_rules(request: web.Request) -> web.Response:
 @requires("rules.write")
 async def create_rule(request: web.Request) -> web.Response:
     rule = await _parse_rule(request, await _json_body(request))
-    by, via = _who(request)
-    try:
-        await _rules(request).put_rule(rule, by=by, via=via, create=True)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).put_rule, rule, create=True)
     return json_ok({**rule.model_dump(mode="json"), "source": "api"}, status=201,
                    headers={"Location": f"/api/v1/rules/{rule.id}"})
 
@@ -161,22 +166,14 @@ async def get_rule(request: web.Request) -> web.Response:
 @requires("rules.write")
 async def replace_rule(request: web.Request) -> web.Response:
     rule = await _parse_rule(request, _with_path_id(request, await _json_body(request), "rule_id"))
-    by, via = _who(request)
-    try:
-        await _rules(request).put_rule(rule, by=by, via=via, create=False)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).put_rule, rule, create=False)
     return json_ok({**rule.model_dump(mode="json"), "source": "api"})
 
 
 @routes.delete("/api/v1/rules/{rule_id}")
 @requires("rules.write")
 async def delete_rule(request: web.Request) -> web.Response:
-    by, via = _who(request)
-    try:
-        await _rules(request).delete_rule(request.match_info["rule_id"], by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).delete_rule, request.match_info["rule_id"])
     return web.Response(status=204)
 
 
@@ -188,10 +185,7 @@ async def list_alerts(request: web.Request) -> web.Response:
     q = parse_query(request, AlertQuery)
     alerts = await _rules(request).alerts.query(state=q.state, rule_id=q.rule, device=q.device, severity=q.severity,
                                                 since=q.since, before_id=q.before_id, limit=q.limit)
-    body: dict[str, Any] = {"alerts": [a.model_dump(mode="json") for a in alerts]}
-    if len(alerts) == q.limit:
-        body["next_before_id"] = alerts[-1].id
-    return json_ok(body)
+    return json_ok(paged("alerts", alerts, q.limit))
 
 
 def _alert_id(request: web.Request) -> int:
@@ -232,13 +226,6 @@ def _schedule_json(rules: Rules, sched: Schedule, source: str, meta: dict[str, A
             "status": rules.scheduler.status(sched.id)}
 
 
-def _parse_schedule(data: dict[str, Any]) -> Schedule:
-    try:
-        return Schedule.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(400, "invalid_request", describe(exc)) from None
-
-
 @routes.get("/api/v1/schedules")
 @requires("rules.read")
 async def list_schedules(request: web.Request) -> web.Response:
@@ -252,13 +239,9 @@ async def list_schedules(request: web.Request) -> web.Response:
 @routes.post("/api/v1/schedules")
 @requires("rules.write")
 async def create_schedule(request: web.Request) -> web.Response:
-    sched = _parse_schedule(await _json_body(request))
-    by, via = _who(request)
+    sched = validated(Schedule, await _json_body(request))
     rules = _rules(request)
-    try:
-        await rules.put_schedule(sched, by=by, via=via, create=True)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, rules.put_schedule, sched, create=True)
     return json_ok(_schedule_json(rules, sched, "api", {}), status=201,
                    headers={"Location": f"/api/v1/schedules/{sched.id}"})
 
@@ -276,24 +259,16 @@ async def get_schedule(request: web.Request) -> web.Response:
 @routes.put("/api/v1/schedules/{schedule_id}")
 @requires("rules.write")
 async def replace_schedule(request: web.Request) -> web.Response:
-    sched = _parse_schedule(_with_path_id(request, await _json_body(request), "schedule_id"))
-    by, via = _who(request)
+    sched = validated(Schedule, _with_path_id(request, await _json_body(request), "schedule_id"))
     rules = _rules(request)
-    try:
-        await rules.put_schedule(sched, by=by, via=via, create=False)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, rules.put_schedule, sched, create=False)
     return json_ok(_schedule_json(rules, sched, "api", {}))
 
 
 @routes.delete("/api/v1/schedules/{schedule_id}")
 @requires("rules.write")
 async def delete_schedule(request: web.Request) -> web.Response:
-    by, via = _who(request)
-    try:
-        await _rules(request).delete_schedule(request.match_info["schedule_id"], by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).delete_schedule, request.match_info["schedule_id"])
     return web.Response(status=204)
 
 
@@ -302,23 +277,15 @@ async def delete_schedule(request: web.Request) -> web.Response:
 async def set_override(request: web.Request) -> web.Response:
     body = await parse_body(request, OverrideBody)
     until = time.time() + body.for_s if body.for_s is not None else body.until
-    by, via = _who(request)
-    try:
-        status = await _rules(request).override(request.match_info["schedule_id"], state=body.state, until=until,
-                                                by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    status = await _change(request, _rules(request).override, request.match_info["schedule_id"], state=body.state,
+                           until=until)
     return json_ok(status)
 
 
 @routes.delete("/api/v1/schedules/{schedule_id}/override")
 @requires("rules.write")
 async def cancel_override(request: web.Request) -> web.Response:
-    by, via = _who(request)
-    try:
-        status = await _rules(request).cancel_override(request.match_info["schedule_id"], by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    status = await _change(request, _rules(request).cancel_override, request.match_info["schedule_id"])
     return json_ok(status)
 
 
@@ -335,27 +302,16 @@ async def list_groups(request: web.Request) -> web.Response:
 @requires("rules.write")
 async def put_group(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    try:
-        GroupName.model_validate({"name": name})
-    except ValidationError as exc:
-        raise ApiError(400, "invalid_request", describe(exc)) from None
+    validated(GroupName, {"name": name})
     body = await parse_body(request, GroupBody)
-    by, via = _who(request)
-    try:
-        await _rules(request).put_group(name, body.devices, by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).put_group, name, body.devices)
     return json_ok({"name": name, "devices": body.devices, "source": "api"})
 
 
 @routes.delete("/api/v1/rule-groups/{name}")
 @requires("rules.write")
 async def delete_group(request: web.Request) -> web.Response:
-    by, via = _who(request)
-    try:
-        await _rules(request).delete_group(request.match_info["name"], by=by, via=via)
-    except RulesError as exc:
-        raise _failed(exc) from None
+    await _change(request, _rules(request).delete_group, request.match_info["name"])
     return web.Response(status=204)
 
 
@@ -365,7 +321,4 @@ async def list_runs(request: web.Request) -> web.Response:
     q = parse_query(request, RunQuery)
     runs = await _rules(request).actuator.runs(origin=q.origin, origin_id=q.origin_id, alert_id=q.alert_id,
                                                device=q.device, before_id=q.before_id, limit=q.limit)
-    body: dict[str, Any] = {"runs": [r.model_dump(mode="json") for r in runs]}
-    if len(runs) == q.limit:
-        body["next_before_id"] = runs[-1].id
-    return json_ok(body)
+    return json_ok(paged("runs", runs, q.limit))
