@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -36,6 +36,8 @@ from pydantic import (
 
 from gateway.models import DeviceId, FiniteFloat, MetricName
 from gateway.rules.cron import CronError, CronSpec, daily, parse_at, parse_cron, parse_days
+
+T = TypeVar("T")
 
 # physical limits (lowest, highest possible value) of metrics Siteward knows; None: unbounded.
 # Not alarm levels: they only let a rule that can never fire (humidity above 120 %) be refused.
@@ -369,6 +371,14 @@ GATEWAY_KINDS = frozenset({"disk", "backlog"})
 
 # -- schedules ---------------------------------------------------------------------------------------
 
+def _cron_parsed(parse: Callable[[str], T], text: str) -> T:
+    """``parse(text)``; what it refuses as the plain ValueError a validator reports."""
+    try:
+        return parse(text)
+    except CronError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class ScheduleEvent(_Model):
     """One recurring moment: ``at`` (``"HH:MM"``) on ``days``, or a ``cron`` expression; and what to send."""
 
@@ -388,19 +398,13 @@ class ScheduleEvent(_Model):
     @classmethod
     def _at(cls, v: str | None) -> str | None:
         if v is not None:
-            try:
-                parse_at(v)
-            except CronError as exc:
-                raise ValueError(str(exc)) from None
+            _cron_parsed(parse_at, v)
         return v
 
     @field_validator("days")
     @classmethod
     def _days(cls, v: str) -> str:
-        try:
-            parse_days(v)
-        except CronError as exc:
-            raise ValueError(str(exc)) from None
+        _cron_parsed(parse_days, v)
         return v
 
     @field_validator("cron")
@@ -408,10 +412,7 @@ class ScheduleEvent(_Model):
     def _cron(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        try:
-            spec = parse_cron(v)
-        except CronError as exc:
-            raise ValueError(str(exc)) from None
+        spec = _cron_parsed(parse_cron, v)
         if not spec.can_fire():
             raise ValueError(f"{v!r} never happens (no date matches its day and month fields)")
         return v

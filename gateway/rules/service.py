@@ -8,7 +8,7 @@ through this class is audited, in the same transaction where the change is a row
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, Literal
 
 import structlog
@@ -52,6 +52,25 @@ class NotFound(RulesError):
 
 class Conflict(RulesError):
     status = 409
+
+
+def _check_put(noun: str, item_id: str, config: Container[str], api: Container[str], *, create: bool) -> None:
+    """Refuse to create (``create``) or replace an API-defined rule/schedule where that cannot be done."""
+    if item_id in config:
+        raise Conflict(f"{noun} {item_id!r} is defined in the config file; change it there")
+    exists = item_id in api
+    if create and exists:
+        raise Conflict(f"a {noun} {item_id!r} exists already")
+    if not create and not exists:
+        raise NotFound(f"no {noun} {item_id!r}")
+
+
+def _check_delete(noun: str, item_id: str, config: Container[str], api: Container[str]) -> None:
+    """Refuse to delete a rule/schedule of the config file, or one that does not exist."""
+    if item_id in config:
+        raise Conflict(f"{noun} {item_id!r} is defined in the config file; remove it there")
+    if item_id not in api:
+        raise NotFound(f"no {noun} {item_id!r}")
 
 
 class Rules:
@@ -198,13 +217,7 @@ class Rules:
 
     async def put_rule(self, rule: AlertRule, *, by: str, via: dict[str, Any], create: bool) -> AlertRule:
         async with self._changes:
-            if rule.id in self._config_rules:
-                raise Conflict(f"rule {rule.id!r} is defined in the config file; change it there")
-            exists = rule.id in self._api_rules
-            if create and exists:
-                raise Conflict(f"a rule {rule.id!r} exists already")
-            if not create and not exists:
-                raise NotFound(f"no rule {rule.id!r}")
+            _check_put("rule", rule.id, self._config_rules, self._api_rules, create=create)
             await self.definitions.put("alert_rules", rule.id, rule.model_dump(mode="json"), by=by, created=create,
                                        audit={**via, "kind": rule.kind, "rule": rule.model_dump(mode="json")})
             self._api_rules[rule.id] = rule
@@ -214,10 +227,7 @@ class Rules:
 
     async def delete_rule(self, rule_id: str, *, by: str, via: dict[str, Any]) -> None:
         async with self._changes:
-            if rule_id in self._config_rules:
-                raise Conflict(f"rule {rule_id!r} is defined in the config file; remove it there")
-            if rule_id not in self._api_rules:
-                raise NotFound(f"no rule {rule_id!r}")
+            _check_delete("rule", rule_id, self._config_rules, self._api_rules)
             await self.definitions.delete("alert_rules", rule_id, by=by, audit=dict(via))
             del self._api_rules[rule_id]
             self._apply()
@@ -244,13 +254,7 @@ class Rules:
 
     async def put_schedule(self, sched: Schedule, *, by: str, via: dict[str, Any], create: bool) -> Schedule:
         async with self._changes:
-            if sched.id in self._config_schedules:
-                raise Conflict(f"schedule {sched.id!r} is defined in the config file; change it there")
-            exists = sched.id in self._api_schedules
-            if create and exists:
-                raise Conflict(f"a schedule {sched.id!r} exists already")
-            if not create and not exists:
-                raise NotFound(f"no schedule {sched.id!r}")
+            _check_put("schedule", sched.id, self._config_schedules, self._api_schedules, create=create)
             spec = sched.model_dump(mode="json")
             await self.definitions.put("schedules", sched.id, spec, by=by, created=create,
                                        audit={**via, "schedule": spec})
@@ -260,10 +264,7 @@ class Rules:
 
     async def delete_schedule(self, schedule_id: str, *, by: str, via: dict[str, Any]) -> None:
         async with self._changes:
-            if schedule_id in self._config_schedules:
-                raise Conflict(f"schedule {schedule_id!r} is defined in the config file; remove it there")
-            if schedule_id not in self._api_schedules:
-                raise NotFound(f"no schedule {schedule_id!r}")
+            _check_delete("schedule", schedule_id, self._config_schedules, self._api_schedules)
             await self.definitions.delete("schedules", schedule_id, by=by, audit=dict(via))
             del self._api_schedules[schedule_id]
             self._apply()
