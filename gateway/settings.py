@@ -157,6 +157,19 @@ def _template_names(node: Any) -> set[str]:
     return set()
 
 
+def _check_template(v: dict[str, Any] | None, allowed: frozenset[str], needs_one_of: set[str],
+                    missing: str) -> dict[str, Any] | None:
+    """``v`` unchanged if every ``$name`` in it is ``allowed`` and one of ``needs_one_of`` is there."""
+    if v is None:
+        return v
+    names = _template_names(v)
+    if names - allowed:
+        raise ValueError(f"unknown placeholder(s) {sorted(names - allowed)}; allowed: {sorted(allowed)}")
+    if not names & needs_one_of:
+        raise ValueError(missing)
+    return v
+
+
 class CloudTemplates(_Section):
     """Topic and payload templates, so an existing cloud backend's format can be met.
 
@@ -199,28 +212,14 @@ class CloudTemplates(_Section):
     @field_validator("reading")
     @classmethod
     def _reading(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is None:
-            return v
-        names = _template_names(v)
-        if names - READING_PLACEHOLDERS:
-            raise ValueError(f"unknown placeholder(s) {sorted(names - READING_PLACEHOLDERS)}; "
-                             f"allowed: {sorted(READING_PLACEHOLDERS)}")
-        if not names & {"key", "id"}:
-            raise ValueError("a reading template must carry $key or $id: the cloud de-duplicates by it")
-        return v
+        return _check_template(v, READING_PLACEHOLDERS, {"key", "id"},
+                               "a reading template must carry $key or $id: the cloud de-duplicates by it")
 
     @field_validator("readings_envelope")
     @classmethod
     def _envelope(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is None:
-            return v
-        names = _template_names(v)
-        if names - ENVELOPE_PLACEHOLDERS:
-            raise ValueError(f"unknown placeholder(s) {sorted(names - ENVELOPE_PLACEHOLDERS)}; "
-                             f"allowed: {sorted(ENVELOPE_PLACEHOLDERS)}")
-        if "readings" not in names:
-            raise ValueError("a readings envelope must place \"$readings\" somewhere")
-        return v
+        return _check_template(v, ENVELOPE_PLACEHOLDERS, {"readings"},
+                               "a readings envelope must place \"$readings\" somewhere")
 
 
 class CloudSection(_Section):
