@@ -101,6 +101,31 @@ def _message(text: str) -> Safe:
     return tag("p", text, class_="error", role="alert")
 
 
+def _form_page(
+    request: web.Request,
+    name: str,
+    title: str,
+    *,
+    message: str = "",
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    **values: object,
+) -> web.Response:
+    """A page of the anonymous visitor's forms (login, setup), with ``message`` as its error line."""
+    gw = request.app[GATEWAY]
+    resp = page(
+        name,
+        title=title,
+        gateway_name=gw.settings.gateway.name,
+        status=status,
+        message=_message(message) if message else "",
+        **values,
+    )
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
 def _login_page(
     request: web.Request,
     *,
@@ -109,18 +134,8 @@ def _login_page(
     status: int = 200,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    gw = request.app[GATEWAY]
-    resp = page(
-        "login.html",
-        title="Log in",
-        gateway_name=gw.settings.gateway.name,
-        status=status,
-        message=_message(message) if message else "",
-        next=next_path,
-    )
-    if headers:
-        resp.headers.update(headers)
-    return resp
+    return _form_page(request, "login.html", "Log in", message=message, status=status, headers=headers,
+                      next=next_path)
 
 
 @routes.get("/login")
@@ -252,18 +267,8 @@ async def change_password(request: web.Request) -> web.Response:
 def _setup_page(
     request: web.Request, *, message: str = "", status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    gw = request.app[GATEWAY]
-    resp = page(
-        "setup.html",
-        title="First start",
-        gateway_name=gw.settings.gateway.name,
-        status=status,
-        message=_message(message) if message else "",
-        min_length=MIN_LENGTH,
-    )
-    if headers:
-        resp.headers.update(headers)
-    return resp
+    return _form_page(request, "setup.html", "First start", message=message, status=status, headers=headers,
+                      min_length=MIN_LENGTH)
 
 
 @routes.get("/setup")
