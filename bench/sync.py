@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,32 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.fixtures.loopback import MOSQUITTO, free_port, wait_listening
+
 ROOT = Path(__file__).resolve().parents[1]
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 GATEWAY = "gw-bench"
 USER, PASSWORD = "gw-bench", "bench password"
 DEVICES, METRICS = 100, ("temperature", "humidity", "pressure")
 LIVE_PER_S = 100
 NAIVE_TOPIC = "bench/naive/readings"
 TARGETS = {"readings_per_s": 50_000, "vs_naive": 20.0, "rss_mb": 60.0, "live_p99_s": 2.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def work_dir() -> Path:
