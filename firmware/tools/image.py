@@ -305,7 +305,18 @@ def build_app_image(*, version: str, project: str = "siteward-node", chip: str =
     else:
         drom, irom, dram = 0x3C000020, 0x42000020, 0x3FC88000
     segs = [(drom, bytes(desc) + body[:half]), (irom, body[half:]), (dram, b"\x00" * 256)]
-    out = bytearray(struct.pack("<BBBBI", IMAGE_MAGIC, len(segs), 2, 0x20, irom + 4))
+    return _assemble(segs, entry=irom + 4, chip_id=chip_id, hash_appended=hash_appended)
+
+
+def build_bootloader_image(chip: str = "esp32") -> bytes:
+    """A second-stage bootloader lookalike: valid image, RAM-only segments, no app description."""
+    segs = [(0x3FFF0030, b"\x11" * 0x400), (0x40078000, b"\x22" * 0x1000), (0x40080400, b"\x33" * 0x800)]
+    return _assemble(segs, entry=0x40080400, chip_id=CHIP_NAMES[chip], hash_appended=True)
+
+
+def _assemble(segs: list[tuple[int, bytes]], *, entry: int, chip_id: int, hash_appended: bool) -> bytes:
+    """Header, segments (load address, data), padding, checksum and optional SHA-256, as esptool lays them out."""
+    out = bytearray(struct.pack("<BBBBI", IMAGE_MAGIC, len(segs), 2, 0x20, entry))
     out += struct.pack("<BBBBHBHHIB", 0xEE, 0, 0, 0, chip_id, 0, 0, 0xFFFF, 0, 1 if hash_appended else 0)
     assert len(out) == HEADER_LEN
     checksum = CHECKSUM_SEED
@@ -318,23 +329,6 @@ def build_app_image(*, version: str, project: str = "siteward-node", chip: str =
     out.append(checksum)
     if hash_appended:
         out += hashlib.sha256(out).digest()
-    return bytes(out)
-
-
-def build_bootloader_image(chip: str = "esp32") -> bytes:
-    """A second-stage bootloader lookalike: valid image, RAM-only segments, no app description."""
-    segs = [(0x3FFF0030, b"\x11" * 0x400), (0x40078000, b"\x22" * 0x1000), (0x40080400, b"\x33" * 0x800)]
-    out = bytearray(struct.pack("<BBBBI", IMAGE_MAGIC, len(segs), 2, 0x20, 0x40080400))
-    out += struct.pack("<BBBBHBHHIB", 0xEE, 0, 0, 0, CHIP_NAMES[chip], 0, 0, 0xFFFF, 0, 1)
-    checksum = CHECKSUM_SEED
-    for addr, seg in segs:
-        out += struct.pack("<II", addr, len(seg)) + seg
-        for b in seg:
-            checksum ^= b
-    while len(out) % 16 != 15:
-        out.append(0)
-    out.append(checksum)
-    out += hashlib.sha256(out).digest()
     return bytes(out)
 
 
