@@ -17,14 +17,7 @@
     if (!row) {
       var none = document.getElementById("no-values");
       if (none) { none.remove(); }
-      row = S.el("div");
-      row.dataset.metric = metric;
-      row.appendChild(S.el("dt", null, metric));
-      var dd = S.el("dd");
-      dd.appendChild(S.el("span", "v"));
-      dd.appendChild(document.createTextNode(" "));
-      dd.appendChild(S.el("span", "u"));
-      row.appendChild(dd);
+      row = S.metricRow(metric);
       var before = null;
       Array.prototype.some.call(valuesEl.children, function (c) {
         if (c.dataset.metric > metric) { before = c; return true; }
@@ -32,11 +25,7 @@
       });
       valuesEl.insertBefore(row, before);
     }
-    row.querySelector(".v").textContent = S.formatValue(value);
-    row.querySelector(".u").textContent = unit || "";
-    row.classList.remove("fresh");
-    void row.offsetWidth; // restart the highlight
-    row.classList.add("fresh");
+    S.showValue(row, value, unit);
   }
 
   function setOnline(online) {

@@ -129,21 +129,10 @@
     var row = dl.querySelector('div[data-metric="' + CSS.escape(metric) + '"]');
     if (!row) {
       if (dl.children.length >= LIST_VALUES) { return; }
-      row = S.el("div");
-      row.dataset.metric = metric;
-      row.appendChild(S.el("dt", null, metric));
-      var dd = S.el("dd");
-      dd.appendChild(S.el("span", "v"));
-      dd.appendChild(document.createTextNode(" "));
-      dd.appendChild(S.el("span", "u"));
-      row.appendChild(dd);
+      row = S.metricRow(metric);
       dl.appendChild(row);
     }
-    row.querySelector(".v").textContent = S.formatValue(value);
-    row.querySelector(".u").textContent = unit || "";
-    row.classList.remove("fresh");
-    void row.offsetWidth; // restart the highlight
-    row.classList.add("fresh");
+    S.showValue(row, value, unit);
   }
 
   function setSeen(tr, ts) {

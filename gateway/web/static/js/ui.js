@@ -70,6 +70,29 @@
     return node;
   }
 
+  // A live value in a <dl> of values (device list, device page): <div data-metric><dt>metric</dt>
+  // <dd><span class="v"></span> <span class="u"></span></dd></div>. metricRow makes a new one; showValue
+  // fills one in and restarts its highlight.
+  function metricRow(metric) {
+    var row = el("div");
+    row.dataset.metric = metric;
+    row.appendChild(el("dt", null, metric));
+    var dd = el("dd");
+    dd.appendChild(el("span", "v"));
+    dd.appendChild(document.createTextNode(" "));
+    dd.appendChild(el("span", "u"));
+    row.appendChild(dd);
+    return row;
+  }
+
+  function showValue(row, value, unit) {
+    row.querySelector(".v").textContent = formatValue(value);
+    row.querySelector(".u").textContent = unit || "";
+    row.classList.remove("fresh");
+    void row.offsetWidth; // restart the highlight
+    row.classList.add("fresh");
+  }
+
   var toastTimer = null;
   function toast(text, isError) {
     var t = document.getElementById("toast");
@@ -308,6 +331,8 @@
     poll: poll,
     toast: toast,
     el: el,
+    metricRow: metricRow,
+    showValue: showValue,
     confirm: confirmAction,
     shapers: shapers,
     formatValue: formatValue,
