@@ -96,6 +96,9 @@ class WebSection(_Section):
     session_ttl_s: int = Field(default=8 * 3600, ge=60)
     login_attempts_per_minute: int = Field(default=5, ge=1)
     tls: bool = False
+    # /metrics without login, for a Prometheus scraper on the site LAN (the figures carry no
+    # readings); false: it needs a bearer API token of any role (Prometheus' `authorization`)
+    metrics_public: bool = True
 
 
 class SimulateSection(_Section):

@@ -31,11 +31,14 @@ class Access:
     page: bool = False
     # reachable before the first admin exists (health, the setup page, static assets)
     during_setup: bool = False
+    # the name of a boolean [web] setting that, when true, makes the route public
+    public_if: str | None = None
 
 
-def requires(action: str, *, bearer_only: bool = False, page: bool = False) -> Callable[[H], H]:
+def requires(action: str, *, bearer_only: bool = False, page: bool = False,
+             public_if: str | None = None) -> Callable[[H], H]:
     def mark(handler: H) -> H:
-        setattr(handler, _ATTR, Access(action=action, bearer_only=bearer_only, page=page))
+        setattr(handler, _ATTR, Access(action=action, bearer_only=bearer_only, page=page, public_if=public_if))
         return handler
 
     return mark

@@ -282,7 +282,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if access.page:
             raise web.HTTPSeeOther("/setup")
         raise ApiError(503, "setup_required", "the gateway has no admin yet: open /setup")
-    if access.action is None:
+    if access.action is None or (access.public_if and getattr(request.app[GATEWAY].settings.web, access.public_if)):
         return await handler(request)
 
     principal = await _authenticate(request, access)

@@ -35,13 +35,14 @@ ACTIONS: dict[str, str] = {
     "ota.write": "upload and block firmware; create, pause, resume and abort rollout campaigns",
     "ota.flash": "flash and provision nodes over the gateway's USB serial ports",
     "sync.read": "see the cloud uplink: connected, backlog, drops, duplicates",
+    "metrics.read": "scrape /metrics (when web.metrics_public is false)",
     "rules.read": "see alert rules, alerts and their history, schedules, groups and automation results",
     "rules.write": "create, change and delete alert rules, schedules and groups; override schedules",
     "alerts.ack": "acknowledge alerts",
 }
 
 _VIEWER = frozenset({"session.self", "account.password", "devices.read", "commands.read", "live.read",
-                     "ota.read", "sync.read", "rules.read"})
+                     "ota.read", "sync.read", "rules.read", "metrics.read"})
 _TECHNICIAN = _VIEWER | {"devices.write", "commands.send", "ingest.write", "audit.read", "tokens.own",
                          "ota.write", "ota.flash", "rules.write", "alerts.ack"}
 _ADMIN = _TECHNICIAN | {"users.admin"}

@@ -43,6 +43,18 @@ async def test_metrics_is_prometheus_text(site: Site) -> None:
     assert "siteward_readings_stored_total" in r.text and "siteward_rejected" in r.text
 
 
+async def test_metrics_can_be_closed_to_all_but_api_tokens(start_site: Any) -> None:
+    async with start_site(web={"metrics_public": False}) as site:
+        anon = await site.client().get("/metrics")
+        assert anon.status == 401 and "Bearer" in anon.headers["WWW-Authenticate"]
+        assert (await site.client(token="not-a-token").get("/metrics")).status == 401
+        await site.user("watcher", "viewer")
+        scraper = await site.script("watcher")  # a viewer's API token, as Prometheus would send it
+        r = await scraper.get("/metrics")
+        assert r.status == 200 and "siteward_readings_stored_total" in r.text
+        assert (await site.client().get("/healthz")).status == 200  # health stays open
+
+
 async def test_devices_list_detail_and_latest_values(site: Site) -> None:
     await _post_readings(site, "node-1", {"temperature": 21.5, "humidity": 40})
     admin = await site.admin()

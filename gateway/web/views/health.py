@@ -1,8 +1,8 @@
-"""Health and metrics: for monitoring, no login.
+"""Health and metrics: for monitoring.
 
-``/metrics`` is open because a Prometheus scraper on the site LAN has no session; the
-figures are counters and sizes, not data. Making it require a token is a later
-configuration switch (noted in docs/api.md).
+``/healthz`` needs no login. ``/metrics`` is open by default because a Prometheus scraper
+on the site LAN has no session and the figures are counters and sizes, not readings;
+``[web] metrics_public = false`` closes it to anyone without a bearer API token.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import gateway
-from gateway.web.access import public
+from gateway.web.access import public, requires
 from gateway.web.bodies import json_ok
 from gateway.web.keys import GATEWAY, STATE
 
@@ -45,7 +45,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
-@public()
+@requires("metrics.read", public_if="metrics_public")
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[GATEWAY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
