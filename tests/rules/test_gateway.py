@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from tests.broker.rawmqtt import RawClient, publish_packet
+from tests.fixtures.loopback import serving
 from tests.helpers import client, eventually
 
 
@@ -155,17 +156,12 @@ async def test_local_webhook_retries_then_gives_up(make_settings) -> None:
 
     app = web.Application()
     app.router.add_post("/alerts", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rules = {"webhook": {"url": f"http://127.0.0.1:{port}/alerts", "retries": 2, "backoff_s": 0.01,
-                         "headers": {"Authorization": "Bearer site-secret"}, "min_severity": "warning"},
-             "threshold": [{"id": "warm", "target": {"device": "fr-1"}, "metric": "temperature", "above": 5},
-                           {"id": "info", "target": {"device": "fr-1"}, "metric": "humidity", "above": 50,
-                            "severity": "info"}]}
-    try:
+    async with serving(app) as base:
+        rules = {"webhook": {"url": f"{base}/alerts", "retries": 2, "backoff_s": 0.01,
+                             "headers": {"Authorization": "Bearer site-secret"}, "min_severity": "warning"},
+                 "threshold": [{"id": "warm", "target": {"device": "fr-1"}, "metric": "temperature", "above": 5},
+                               {"id": "info", "target": {"device": "fr-1"}, "metric": "humidity", "above": 50,
+                                "severity": "info"}]}
         async with Gateway(make_settings(rules=rules)) as gw:
             await gw.ingest.ingest_http("fr-1", b'{"temperature": 9, "humidity": 60}')  # info is below min_severity
             wh = gw.rules.webhook
@@ -175,12 +171,10 @@ async def test_local_webhook_retries_then_gives_up(make_settings) -> None:
             alert = (await gw.rules.alerts.query(state="cleared"))[0]
             await gw.ingest.ingest_http("fr-1", b'{"temperature": 9}')  # raised again: 400, not retried
             await eventually(lambda: _ready(wh.failed), lambda n: n == 2)
-        assert [b["event"] for b in bodies] == ["alert.raised"] * 3 + ["alert.cleared"] * 3 + ["alert.raised"]
-        assert bodies[3]["alert"]["id"] == alert.id and bodies[0]["gateway"] == "gw-test"
-        assert answers == []
-        assert gw.metrics.webhook_deliveries.labels(result="failed")._value.get() == 2
-    finally:
-        await runner.cleanup()
+    assert [b["event"] for b in bodies] == ["alert.raised"] * 3 + ["alert.cleared"] * 3 + ["alert.raised"]
+    assert bodies[3]["alert"]["id"] == alert.id and bodies[0]["gateway"] == "gw-test"
+    assert answers == []
+    assert gw.metrics.webhook_deliveries.labels(result="failed")._value.get() == 2
 
 
 async def _ready(value: int) -> int:

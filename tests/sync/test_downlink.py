@@ -14,6 +14,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from tests.fixtures.loopback import serving
 from tests.helpers import client
 from tests.sync.cloud import CloudBroker, CloudConsumer
 from tests.sync.conftest import GATEWAY_ID, cloud_section, running_sync
@@ -188,51 +189,43 @@ async def test_ota_rollout_from_the_cloud(make_settings, cloud: CloudBroker, pki
 
     app = web.Application()
     app.router.add_get("/{name}", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site_ = web.TCPSite(runner, "127.0.0.1", 0)
-    await site_.start()
-    base = f"http://127.0.0.1:{site_._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     s = make_settings(cloud=cloud_section(cloud, pki),
                       ota={"trusted_keys": [mf.public_b64(release.public_key())], "tick_s": 0.1})
-    try:
-        async with Gateway(s) as gw, running_sync(s) as svc, cloud_publisher(cloud) as pub:
-            await consumer.wait_for(lambda: svc.figures.connected, within=15, what="the uplink")
-            await gw.registry.ensure("m1", profile="native")
-            await gw.registry.apply_attributes("m1", {"model": "siteward-node"})
-            env = mf.sign(mf.new_manifest(project="siteward-node", version="3.0.0", data=image, chip="esp32"),
-                          release).model_dump(exclude_none=True)
+    async with serving(app) as base, Gateway(s) as gw, running_sync(s) as svc, cloud_publisher(cloud) as pub:
+        await consumer.wait_for(lambda: svc.figures.connected, within=15, what="the uplink")
+        await gw.registry.ensure("m1", profile="native")
+        await gw.registry.apply_attributes("m1", {"model": "siteward-node"})
+        env = mf.sign(mf.new_manifest(project="siteward-node", version="3.0.0", data=image, chip="esp32"),
+                      release).model_dump(exclude_none=True)
 
-            def rollout(qid: str, **args: Any) -> Any:
-                return pub.publish(f"{DOWN}/{qid}", json.dumps(
-                    {"device": GATEWAY_ID, "command": "ota_rollout", "args": args}), qos=1)
+        def rollout(qid: str, **args: Any) -> Any:
+            return pub.publish(f"{DOWN}/{qid}", json.dumps(
+                {"device": GATEWAY_ID, "command": "ota_rollout", "args": args}), qos=1)
 
-            await rollout("ota-1", manifest=env, url=f"{base}/fw.bin", canary=1)
-            await rollout("ota-bad-image", manifest=env, url=f"{base}/flipped.bin")
-            await rollout("ota-no-url", manifest=env)
-            await pub.publish(f"{DOWN}/gw-reboot", json.dumps({"device": GATEWAY_ID, "command": "reboot"}), qos=1)
+        await rollout("ota-1", manifest=env, url=f"{base}/fw.bin", canary=1)
+        await rollout("ota-bad-image", manifest=env, url=f"{base}/flipped.bin")
+        await rollout("ota-no-url", manifest=env)
+        await pub.publish(f"{DOWN}/gw-reboot", json.dumps({"device": GATEWAY_ID, "command": "reboot"}), qos=1)
 
-            def final(qid: str) -> dict[str, Any] | None:
-                return next((r for r in results_for(consumer, qid)
-                             if r["status"] in ("confirmed", "failed", "rejected", "timed_out")), None)
+        def final(qid: str) -> dict[str, Any] | None:
+            return next((r for r in results_for(consumer, qid)
+                         if r["status"] in ("confirmed", "failed", "rejected", "timed_out")), None)
 
-            await consumer.wait_for(lambda: all(final(q) for q in ("ota-1", "ota-bad-image", "ota-no-url",
-                                                                    "gw-reboot")), within=30, what="four answers")
-            ok = final("ota-1")
-            assert ok is not None and ok["status"] == "confirmed", results_for(consumer, "ota-1")
-            assert ok["device"] == GATEWAY_ID and ok["result"]["nodes"] == 1
-            campaign = await gw.ota.campaigns.get(ok["result"]["campaign"])
-            assert campaign is not None and list(campaign.nodes) == ["m1"] and campaign.canary == 1
-            assert {"queued", "sent"} <= {r["status"] for r in results_for(consumer, "ota-1")}
+        await consumer.wait_for(lambda: all(final(q) for q in ("ota-1", "ota-bad-image", "ota-no-url",
+                                                                "gw-reboot")), within=30, what="four answers")
+        ok = final("ota-1")
+        assert ok is not None and ok["status"] == "confirmed", results_for(consumer, "ota-1")
+        assert ok["device"] == GATEWAY_ID and ok["result"]["nodes"] == 1
+        campaign = await gw.ota.campaigns.get(ok["result"]["campaign"])
+        assert campaign is not None and list(campaign.nodes) == ["m1"] and campaign.canary == 1
+        assert {"queued", "sent"} <= {r["status"] for r in results_for(consumer, "ota-1")}
 
-            bad = final("ota-bad-image")
-            assert bad is not None and bad["status"] == "failed"
-            assert bad["result"]["error"]["code"] == "sha256_mismatch"
-            for qid, code in (("ota-no-url", "invalid"), ("gw-reboot", "not_allowed")):
-                answer = final(qid)
-                assert answer is not None and answer["status"] == "rejected" and answer["error"]["code"] == code
-            # one campaign: the refused ones opened none
-            rows = await gw.db.fetchall("SELECT count(*) FROM ota_campaigns")
-            assert rows[0][0] == 1
-    finally:
-        await runner.cleanup()
+        bad = final("ota-bad-image")
+        assert bad is not None and bad["status"] == "failed"
+        assert bad["result"]["error"]["code"] == "sha256_mismatch"
+        for qid, code in (("ota-no-url", "invalid"), ("gw-reboot", "not_allowed")):
+            answer = final(qid)
+            assert answer is not None and answer["status"] == "rejected" and answer["error"]["code"] == code
+        # one campaign: the refused ones opened none
+        rows = await gw.db.fetchall("SELECT count(*) FROM ota_campaigns")
+        assert rows[0][0] == 1
