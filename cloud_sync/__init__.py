@@ -14,3 +14,7 @@ file (docs/cloud-contract.md). One job per module, in the order data flows:
 * ``service``: composes all of it; ``main``: the process (signals, systemd, dev child);
   ``aio``: guards every loop needs on Python 3.11 (cancellation, timeouts).
 """
+
+# first, so that structlog is imported the gateway's way (without rich: see gateway/__init__.py)
+# even when a cloud_sync module is the first thing a process imports
+import gateway  # noqa: F401

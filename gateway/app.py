@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -19,7 +19,6 @@ from aiohttp import web
 from gateway.audit import Audit
 from gateway.ble.service import BleService
 from gateway.broker import EmbeddedBroker
-from gateway.broker.external import ExternalBroker, subscription_filters
 from gateway.bus import LiveBus
 from gateway.clock import Clock, ClockMonitor, FixedClock, KernelClock
 from gateway.devices.access import DeviceAccess
@@ -38,6 +37,9 @@ from gateway.store.events import EventLog
 from gateway.store.readings import Maintenance, Outbox, ReadingsQuery
 from gateway.supervisor import Supervisor
 from gateway.tls import GatewayCA
+
+if TYPE_CHECKING:
+    from gateway.broker.external import ExternalBroker
 
 log = structlog.get_logger(__name__)
 
@@ -147,6 +149,9 @@ class Gateway:
             await asyncio.to_thread(self.ca.ensure)
             ssl_ctx = self.ca.server_context()
         if st.broker.mode == "external":
+            # an MQTT client library (aiomqtt, paho) only for the broker mode that needs one
+            from gateway.broker.external import ExternalBroker, subscription_filters
+
             topics = [r.topic for p in self.profiles.profiles.values() for r in p.routes]
             self.broker = ExternalBroker(st.broker, self.access, subscription_filters(topics),
                                          client_id=f"siteward-{st.gateway.id}")

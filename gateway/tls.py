@@ -13,11 +13,12 @@ import os
 import socket
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+# cryptography (~8 MB of RSS) is imported only to make the CA or a certificate, i.e. the
+# first time TLS is switched on: app.py composes a GatewayCA whether or not TLS is on
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -31,6 +32,8 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -51,6 +54,11 @@ class GatewayCA:
             self._make_server(extra_names or [])
 
     def _make_ca(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Siteward"),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"Siteward CA {self.gateway_id}")])
@@ -70,6 +78,11 @@ class GatewayCA:
         self.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _make_server(self, extra_names: list[str]) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
         ca_key = serialization.load_pem_private_key(self.ca_key.read_bytes(), None)
         ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())

@@ -33,12 +33,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# cryptography is imported by the functions that sign, verify or load keys: the gateway
+# imports this module for the manifest models, and loading cryptography costs its process
+# ~8 MB of RSS, which it should pay only once it signs or verifies something.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 VERSION_PATTERN = r"^\d{1,5}(\.\d{1,5}){0,3}([-+][0-9A-Za-z.-]{1,32})?$"
 _VERSION_RE = re.compile(VERSION_PATTERN)
@@ -99,15 +102,21 @@ def is_newer(candidate: str, current: str | None) -> bool:
 
 
 def key_id(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def public_b64(public: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     return base64.b64encode(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
 
 
 def load_public_b64(text: str) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         raw = base64.b64decode(text.strip(), validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
@@ -115,12 +124,25 @@ def load_public_b64(text: str) -> Ed25519PublicKey:
         raise ManifestError("bad_key", f"not a base64 Ed25519 public key: {exc}") from None
 
 
+def check_key_file(path: Path) -> bool:
+    """Whether the signing key file exists; PermissionError if others can read it.
+
+    The cheap part of :func:`load_or_create_key` (no cryptography), for a check at start.
+    """
+    if not path.exists():
+        return False
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    return True
+
+
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     """The gateway's signing key: PKCS#8 PEM, created 0600 on first use, refused if others can read it."""
-    if path.exists():
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if check_key_file(path):
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")
@@ -129,11 +151,19 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    tmp = path.with_suffix(".tmp")
+    # the gateway makes its key on first use, so `siteward node provision` may make it at the
+    # same moment: a private temporary file, then an exclusive link, so the first key made
+    # is the only one, and the other process reads it instead of replacing it
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.link(tmp, path)
+    except FileExistsError:
+        return load_or_create_key(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 
@@ -146,6 +176,8 @@ def sign(manifest: Manifest, key: Ed25519PrivateKey, *, url: str | None = None,
 
 def verify(envelope: Envelope, keys: list[Ed25519PublicKey]) -> Manifest:
     """The manifest, if one of ``keys`` signed it; ManifestError otherwise."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         sig = base64.b64decode(envelope.sig, validate=True)
     except ValueError:

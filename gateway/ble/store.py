@@ -16,13 +16,15 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.ble.const import BINDKEY_FILE
 from gateway.store.database import Database
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +41,16 @@ class SensorRecord:
 
 
 class Sealer:
-    """Seals bindkeys with a per-gateway key that only the gateway's user can read."""
+    """Seals bindkeys with a per-gateway key that only the gateway's user can read.
+
+    The cipher (cryptography, ~8 MB of RSS) is made when a bindkey is first sealed or
+    opened: a gateway without encrypted sensors never needs it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._aead: AESGCM | None = None
+        self._key: bytes | None = None
+        self._cipher: AESGCM | None = None
 
     def load(self) -> None:
         """Read the key, creating it (0600, exclusively) on first use. Blocking: run in a thread."""
@@ -53,25 +60,33 @@ class Sealer:
         except FileExistsError:
             key = self.path.read_bytes()
         else:
-            key = AESGCM.generate_key(bit_length=256)
+            key = secrets.token_bytes(32)  # what AESGCM.generate_key(bit_length=256) returns
             with os.fdopen(fd, "wb") as f:
                 f.write(key)
                 f.flush()
                 os.fsync(f.fileno())
         if len(key) != 32:
             raise RuntimeError(f"{self.path}: not a 256-bit key; refusing to guess")
-        self._aead = AESGCM(key)
+        self._key = key
+
+    def _aead(self) -> AESGCM:
+        if self._cipher is None:
+            assert self._key is not None, "Sealer.load() first"
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._cipher = AESGCM(self._key)
+        return self._cipher
 
     def seal(self, address: str, bindkey: bytes) -> bytes:
-        assert self._aead is not None
         nonce = secrets.token_bytes(_NONCE)
         # the address as associated data: a sealed key moved to another row does not open
-        return nonce + self._aead.encrypt(nonce, bindkey, address.encode())
+        return nonce + self._aead().encrypt(nonce, bindkey, address.encode())
 
     def open(self, address: str, sealed: bytes) -> bytes | None:
-        assert self._aead is not None
+        from cryptography.exceptions import InvalidTag
+
         try:
-            return self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], address.encode())
+            return self._aead().decrypt(sealed[:_NONCE], sealed[_NONCE:], address.encode())
         except (InvalidTag, ValueError):
             return None
 

@@ -23,12 +23,14 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
+from asyncio import Queue
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 from types import CoroutineType
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from amqtt.adapters import BufferReader, StreamReaderAdapter, StreamWriterAdapter
@@ -38,6 +40,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from transitions import MachineError
 
 from gateway.broker import wire
 from gateway.broker.limits import (
@@ -140,7 +143,76 @@ class OutMessage:
         self.sent_at = 0.0
 
 
-class HardenedSession(Session):
+class _LazyUpstreamState:
+    """Builds the upstream attributes named in ``_LAZY`` when first read, not per connection.
+
+    amqtt's ``Session`` and ``ProtocolHandler`` constructors give every connection four
+    ``asyncio.Queue`` and an ``asyncio.Event`` (each a handful of deques: ~11 KiB a client)
+    for the reader loop, delivery and subscription flows that this module replaces. Nothing
+    here reads them; they are dropped right after the upstream constructor and made again,
+    empty, only if something does read one (upstream code, a plugin), so every upstream code
+    path still finds what it expects.
+    """
+
+    _LAZY: ClassVar[dict[str, Callable[[], Any]]] = {}
+
+    def _drop_unused_upstream_state(self) -> None:
+        for name in self._LAZY:
+            self.__dict__.pop(name, None)
+
+    def __getattr__(self, name: str) -> Any:  # only called for attributes not set
+        factory = type(self)._LAZY.get(name)
+        if factory is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = factory()
+        setattr(self, name, value)
+        return value
+
+
+class _SessionState:
+    """**Fix:** amqtt's per-session ``transitions.Machine``, as a state name and two triggers.
+
+    Upstream builds a whole state machine for every session (~12 KiB a client: states,
+    events, transitions, callbacks) to track new/connected/disconnected. This keeps its
+    interface (``state``, ``connect()``, ``disconnect()``, ``is_<state>()``), its transition
+    table (an invalid trigger raises ``MachineError``) and its enter callbacks.
+    """
+
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session) -> None:
+        # weak: the session owns its state, a cycle would leave sessions to the cyclic GC
+        self._session = weakref.ref(session)
+        self.state = "new"
+
+    def connect(self) -> bool:
+        if self.state not in ("new", "disconnected"):
+            raise MachineError(f"Can't trigger event connect from state {self.state}!")
+        self.state = "connected"
+        session = self._session()
+        if session is not None:
+            session._on_enter_connected()
+        return True
+
+    def disconnect(self) -> bool:
+        # from any state, re-entering "disconnected" included (its enter callback runs again)
+        self.state = "disconnected"
+        session = self._session()
+        if session is not None:
+            session._on_enter_disconnected()
+        return True
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+
+class HardenedSession(_LazyUpstreamState, Session):
     """**Fix:** session state that survives a disconnect, bounded.
 
     Upstream keeps a persistent session's undelivered messages in an unbounded
@@ -158,9 +230,12 @@ class HardenedSession(Session):
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__  # type: ignore[assignment]
+    # upstream's undelivered and retained queues: replaced by out_queue and out_inflight
+    _LAZY: ClassVar[dict[str, Callable[[], Any]]] = {"retained_messages": Queue, "delivered_message_queue": Queue}
 
     def __init__(self, client_id: str, owner: Hashable, limits: BrokerLimits) -> None:
         super().__init__()
+        self._drop_unused_upstream_state()
         self.client_id = client_id
         self.owner = owner
         self.identity: Any = None
@@ -176,6 +251,9 @@ class HardenedSession(Session):
         self.offline_since: float | None = None
         self.dropped = 0
         self._next_pid = 0
+
+    def _init_states(self) -> None:
+        self.transitions = _SessionState(self)  # type: ignore[assignment]
 
     def next_packet_id(self) -> int:
         pid = self._next_pid
@@ -233,7 +311,7 @@ class _TooLarge(Exception):
     pass
 
 
-class HardenedProtocolHandler(BrokerProtocolHandler):
+class HardenedProtocolHandler(_LazyUpstreamState, BrokerProtocolHandler):
     """One client connection: a reader task, a writer task, timers.
 
     **Fix:** upstream's ``ProtocolHandler._reader_loop`` reads a packet a few bytes per await,
@@ -244,6 +322,10 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
     This handler keeps amqtt's attributes (``session``, ``reader``, ``writer``) but replaces
     both loops; see the methods' docstrings.
     """
+
+    # upstream's subscription queues and reader-stopped event: unused by the loops below
+    _LAZY: ClassVar[dict[str, Callable[[], Any]]] = {
+        "_pending_subscriptions": Queue, "_pending_unsubscriptions": Queue, "_reader_stopped": asyncio.Event}
 
     def __init__(
         self,
@@ -256,6 +338,7 @@ class HardenedProtocolHandler(BrokerProtocolHandler):
         will: tuple[str, bytes, int, bool] | None,
     ) -> None:
         super().__init__(broker.plugins_manager, loop=broker._loop)
+        self._drop_unused_upstream_state()
         self.broker = broker
         self.limits = broker.limits
         self.info = info

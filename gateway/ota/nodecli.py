@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware.tools import flash as fl
-from firmware.tools import provision as pv
+# firmware.tools (flash, provision, manifest) is imported by the commands that run it, not
+# here: build_parser() imports this module for every `siteward` subcommand, including the
+# long-running `gateway` and `sync`, which must not carry the flashing tools in memory.
 
 WAIT_ONLINE_S = 120.0
 
@@ -59,6 +60,8 @@ def _bar(stage: str, pct: float | None) -> None:
 
 
 def cmd_flash(args: argparse.Namespace, settings: Any) -> int:
+    from firmware.tools import flash as fl
+
     try:
         fp = asyncio.run(fl.flash(args.port, args.firmware, erase=args.erase, offset=args.offset, baud=args.baud,
                                   esptool=settings.ota.esptool, before=args.before, on_progress=_bar))
@@ -82,6 +85,7 @@ def _default_host(settings: Any) -> str:
 
 
 def cmd_provision(args: argparse.Namespace, settings: Any) -> int:
+    from firmware.tools import provision as pv
     from gateway.models import DEVICE_ID_PATTERN
 
     if not re.match(DEVICE_ID_PATTERN, args.id):
@@ -96,6 +100,7 @@ def cmd_provision(args: argparse.Namespace, settings: Any) -> int:
 
 async def _provision(args: argparse.Namespace, settings: Any) -> int:
     from firmware.tools import manifest as mf
+    from firmware.tools import provision as pv
     from gateway.audit import Audit
     from gateway.bus import LiveBus
     from gateway.devices.credentials import Credentials

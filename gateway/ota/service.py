@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloud_sync.contract import OTA_ROLLOUT_COMMAND
@@ -46,6 +45,8 @@ from gateway.ota.flashing import FlashJobs
 from gateway.ota.registry import Firmware, FirmwareRefused, FirmwareRegistry
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     from gateway.app import Gateway
 
 log = structlog.get_logger(__name__)
@@ -164,7 +165,9 @@ class OtaService:
         self.campaigns = Campaigns(gw.db, Timeouts(self.cfg.start_timeout_s, self.cfg.progress_timeout_s,
                                                    self.cfg.confirm_timeout_s))
         self.key_path = self.cfg.signing_key or (self.dir / "signing.key")
-        self._key: Any = None
+        # read (or made) when first needed, see signing_key()
+        self._key: Ed25519PrivateKey | None = None
+        self._key_lock = asyncio.Lock()
         self._download_secret = b""
         self.trusted: list[Ed25519PublicKey] = [mf.load_public_b64(k) for k in self.cfg.trusted_keys]
         self._lock = asyncio.Lock()
@@ -173,7 +176,10 @@ class OtaService:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._key = await asyncio.to_thread(mf.load_or_create_key, self.key_path)
+        # Only the key file's permissions are checked here (a key others can read still stops
+        # the start): the key itself is read when first used, because reading it loads
+        # cryptography, ~8 MB of RSS that a gateway not rolling out firmware need not hold.
+        await asyncio.to_thread(mf.check_key_file, self.key_path)
         self._download_secret = await asyncio.to_thread(self._load_secret, self.dir / "download.key")
         await self.campaigns.load()
         self.flash_jobs = FlashJobs(self.gw)
@@ -183,7 +189,7 @@ class OtaService:
                                          LocalCommand(CloudRollout.model_validate, self._cloud_rollout))
         self.gw.health.register("ota", self.health)
         self.gw.metrics.ota_campaigns_open.set(len(self.campaigns.open))
-        log.info("ota.ready", key_id=mf.key_id(self._key.public_key()), open_campaigns=len(self.campaigns.open))
+        log.info("ota.ready", key=str(self.key_path), open_campaigns=len(self.campaigns.open))
 
     @staticmethod
     def _load_secret(path: Path) -> bytes:
@@ -199,13 +205,22 @@ class OtaService:
     def health(self) -> dict[str, Any]:
         return {"ok": True, "open_campaigns": len(self.campaigns.open), **self.counters}
 
-    @property
-    def public_key(self) -> str:
-        return mf.public_b64(self._key.public_key())
+    async def signing_key(self) -> Ed25519PrivateKey:
+        """The gateway's manifest signing key, read (or created, 0600) on first use."""
+        if self._key is None:
+            async with self._key_lock:  # one reader: two first uses must not create two keys
+                if self._key is None:
+                    key = await asyncio.to_thread(mf.load_or_create_key, self.key_path)
+                    log.info("ota.signing_key", key_id=mf.key_id(key.public_key()))
+                    self._key = key
+        return self._key
 
-    @property
-    def public_keys(self) -> list[Ed25519PublicKey]:
-        return [self._key.public_key(), *self.trusted]
+    async def public_key(self) -> str:
+        """The signing key's public half, base64 (what nodes are given as ``ota_keys``)."""
+        return mf.public_b64((await self.signing_key()).public_key())
+
+    async def public_keys(self) -> list[Ed25519PublicKey]:
+        return [(await self.signing_key()).public_key(), *self.trusted]
 
     async def run(self) -> None:
         while True:
@@ -218,7 +233,7 @@ class OtaService:
         """Check and register an image; with ``envelope`` (a pre-signed manifest) it must match it."""
         expect = None
         if envelope is not None:
-            m = self._verify_envelope(envelope)
+            m = await self._verify_envelope(envelope)
             if m.size != len(data) or m.sha256 != hashlib.sha256(data).hexdigest():
                 raise FirmwareRefused("manifest_mismatch", "the image's size or SHA-256 differs from the signed "
                                       "manifest: not the file that was signed")
@@ -231,14 +246,15 @@ class OtaService:
                                                                      "version": fw.version, "kind": fw.kind})
         return fw, created
 
-    def _verify_envelope(self, text: str) -> mf.Manifest:
+    async def _verify_envelope(self, text: str) -> mf.Manifest:
         try:
             env = mf.Envelope.model_validate_json(text)
         except ValidationError:
             raise FirmwareRefused("bad_envelope", "the manifest envelope is not valid JSON of the expected shape") \
                 from None
         try:
-            return mf.verify(env, self.public_keys)
+            keys = await self.public_keys()
+            return mf.verify(env, keys)
         except mf.ManifestError as exc:
             raise FirmwareRefused(exc.code, exc.message) from None
 
@@ -379,7 +395,7 @@ class OtaService:
         else:
             m = mf.Manifest(type=fw.kind, project=fw.project, version=fw.version, size=fw.size, sha256=fw.sha256,
                             chip=fw.chip, device=n.device, issued=int(time.time()))
-            env = mf.sign(m, self._key, url=url, campaign=c.id)
+            env = mf.sign(m, await self.signing_key(), url=url, campaign=c.id)
         prof = self.gw.profiles.get((dev.profile if dev else None) or "native")
         topic = (prof.ota_topic if prof and prof.ota_topic else "devices/{device}/ota").replace("{device}", n.device)
         assert self.gw.broker is not None
@@ -529,7 +545,7 @@ class OtaService:
         text = envelope if isinstance(envelope, str) else mf.Envelope.model_validate(envelope).model_dump_json(
             exclude_none=True)
         try:
-            m = self._verify_envelope(text)
+            m = await self._verify_envelope(text)
         except FirmwareRefused as exc:
             raise OtaError(exc.code, exc.message) from None
         if not url.startswith(("https://", "http://")):

@@ -30,7 +30,7 @@ def nodes(tmp_path: Path) -> Iterator[list[MicroNode]]:
         n.kill()
 
 
-def node_config(gw: Any, device_id: str, password: str, **extra: Any) -> dict[str, Any]:
+async def node_config(gw: Any, device_id: str, password: str, **extra: Any) -> dict[str, Any]:
     assert gw.broker is not None
     cfg: dict[str, Any] = {
         "id": device_id,
@@ -38,7 +38,7 @@ def node_config(gw: Any, device_id: str, password: str, **extra: Any) -> dict[st
         "mqtt": {"host": "127.0.0.1", "port": gw.broker.port, "user": device_id, "password": password,
                  "keepalive": 10},
         "http_port": gw.web_port,
-        "ota_keys": [gw.ota.public_key],
+        "ota_keys": [await gw.ota.public_key()],
         "interval_s": 1,
         "heartbeat_s": 2,
         "wdt_ms": 30000,
@@ -55,7 +55,7 @@ def start_node(gw: Any, nodes: list[MicroNode], tmp_path: Path) -> Callable[...,
         password = await gw.credentials.mint(device_id, ("native",))
         root = tmp_path / device_id
         install_firmware(root, ota_partitions=ota_partitions, version=version,
-                         config=node_config(gw, device_id, password, **cfg), hw=hw)
+                         config=await node_config(gw, device_id, password, **cfg), hw=hw)
         node = MicroNode(root).start()
         nodes.append(node)
         return node

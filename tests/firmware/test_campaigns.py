@@ -56,7 +56,7 @@ class SimNode:
             self.ready.set()
             async for msg in c.messages:
                 env = mf.Envelope.model_validate_json(bytes(msg.payload))  # type: ignore[arg-type]
-                m = mf.verify(env, [self.gw.ota._key.public_key()])
+                m = mf.verify(env, [(await self.gw.ota.signing_key()).public_key()])
                 self.manifests.append(m)
                 await self.answer(c, m)
 

@@ -197,15 +197,16 @@ async def test_ota_manifest_refusals(gw: Any, start_node: Callable[..., Any]) ->
         return mf.new_manifest(**base)
 
     rogue = Ed25519PrivateKey.generate()
+    key = await gw.ota.signing_key()
     cases = [
         (mf.sign(manifest(), rogue, url=url), "bad_signature"),
-        (mf.sign(manifest(device="node-2"), gw.ota._key, url=url), "wrong_device"),
-        (mf.sign(manifest(version="0.9.0"), gw.ota._key, url=url), "not_newer"),
-        (mf.sign(manifest(project="other-product"), gw.ota._key, url=url), "wrong_project"),
-        (mf.sign(manifest(chip="esp32s3"), gw.ota._key, url=url), "wrong_chip"),
+        (mf.sign(manifest(device="node-2"), key, url=url), "wrong_device"),
+        (mf.sign(manifest(version="0.9.0"), key, url=url), "not_newer"),
+        (mf.sign(manifest(project="other-product"), key, url=url), "wrong_project"),
+        (mf.sign(manifest(chip="esp32s3"), key, url=url), "wrong_chip"),
     ]
     # a signature lifted from one manifest onto another
-    good = mf.sign(manifest(), gw.ota._key, url=url)
+    good = mf.sign(manifest(), key, url=url)
     swapped = mf.Envelope(manifest=good.manifest.replace('"1.1.0"', '"9.9.9"'), sig=good.sig, url=url)
     cases.append((swapped, "bad_signature"))
     for env, _ in cases:

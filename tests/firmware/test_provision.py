@@ -103,7 +103,8 @@ async def test_provision_over_raw_repl_with_mpremote_then_node_comes_online(gw: 
         rc = await asyncio.to_thread(repl.wait_exit, 60)
         assert rc == 77, "board was not reset after provisioning"
         cfg = json.loads((root / "config.json").read_text())
-        assert cfg["id"] == "node-r" and cfg["mqtt"]["user"] == "node-r" and cfg["ota_keys"][0] == gw.ota.public_key
+        assert cfg["id"] == "node-r" and cfg["mqtt"]["user"] == "node-r"
+        assert cfg["ota_keys"][0] == await gw.ota.public_key()
         node = MicroNode(root).start()  # the board boots main.py with its new configuration
         nodes.append(node)
         _, err = await asyncio.wait_for(proc.communicate(), 90)

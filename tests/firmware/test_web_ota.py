@@ -62,7 +62,7 @@ async def test_upload_list_and_precise_refusals(site: Site) -> None:
 async def test_raw_body_upload_with_a_presigned_manifest(site: Site, gw: Any) -> None:
     script = await site.script()
     m = mf.new_manifest(project="siteward-node", version="1.5.0", data=IMAGE, chip="esp32")
-    env = mf.sign(m, gw.ota._key).model_dump_json(exclude_none=True)
+    env = mf.sign(m, await gw.ota.signing_key()).model_dump_json(exclude_none=True)
     r = await script.call("POST", "/api/v1/ota/firmware?filename=rel.bin", data=IMAGE,
                           headers={"Content-Type": "application/octet-stream", "X-Siteward-Manifest": env})
     assert r.status == 201 and r.json["presigned"], r
@@ -126,7 +126,7 @@ async def test_campaign_api_and_audit(site: Site, gw: Any) -> None:
               "ota.campaign_abort"):
         assert a in actions
     key = (await tech.get("/api/v1/ota/key")).json
-    assert key["public_key"] == gw.ota.public_key
+    assert key["public_key"] == await gw.ota.public_key()
 
 
 async def test_flash_job_over_the_api_with_progress_on_the_live_feed(site: Site, gw: Any) -> None:

@@ -71,7 +71,7 @@ async def list_firmware(request: web.Request) -> web.Response:
 @requires("ota.read")
 async def signing_key(request: web.Request) -> web.Response:
     ota = _ota(request)
-    return json_ok({"public_key": ota.public_key, "algorithm": "ed25519",
+    return json_ok({"public_key": await ota.public_key(), "algorithm": "ed25519",
                     "trusted_release_keys": list(request.app[GATEWAY].settings.ota.trusted_keys)})
 
 
