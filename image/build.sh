@@ -8,7 +8,7 @@
 # (docs/appliance.md, "Release and test builds"). --initramfs overrides the variant's initramfs
 # module policy: release builds use MODULES=most (every storage driver: boots from SD, USB mass
 # storage, NVMe, on boards this machine cannot try), test builds MODULES=list
-# (image/base/initramfs-modules: enough for SD and qemu), which saves ~10 minutes of emulated
+# (image/base/initramfs-modules: enough for SD and qemu), which saves 10+ minutes of emulated
 # build time per base.
 # `--variant test --initramfs most` builds a bootable test image with the release's initramfs.
 #
@@ -76,12 +76,12 @@ if [ "$VARIANT" = test ]; then
     # a release image has no such channel
     PACKAGES+=(qemu-guest-agent)
     # MODULES=list (image/base/initramfs-modules): the Pi 4's SD driver plus virtio for qemu, ~36 s
-    # instead of ~10 min; not enough for USB boot (no sd_mod): docs/appliance.md
+    # instead of 10+ min; not enough for USB boot (no sd_mod): docs/appliance.md
     : "${INITRAMFS_MODULES:=list}"
 else
     # MODULES=most (Debian's default): the initramfs can mount the root file system from any
     # storage the kernel supports (SD, USB mass storage, NVMe behind PCIe), on boards and adapters
-    # we cannot boot here; ~10 min of emulated build time, paid once per release base
+    # we cannot boot here; 10-16 min of emulated build time (measured), paid once per release base
     : "${INITRAMFS_MODULES:=most}"
 fi
 # the cache entries of a variant built with the other initramfs policy are kept apart, so that
@@ -151,8 +151,11 @@ T_BASE=$(date +%s)
 
 # ---------------------------------------------------------------------------------------
 # 2. wheels and the dependency venv
-OWN="$CACHE/own-wheel"
+# per build process, like the scratch trees below: a second build on this machine (CI) must not
+# remove or replace the wheel this one is installing
+OWN="$CACHE/own-wheel-$$"
 rm -rf "$OWN" && mkdir -p "$OWN"
+trap 'rm -rf "$OWN"' EXIT
 # pip's own settings on this host (local indexes, constraints) stay out: PyPI only, its CA bundle
 pipx() { PIP_CONFIG_FILE=/dev/null "$PYTHON" -m pip --disable-pip-version-check "$@"; }
 PIP_CERT=(); [ -f /etc/ssl/certs/ca-certificates.crt ] && PIP_CERT=(--cert /etc/ssl/certs/ca-certificates.crt)
