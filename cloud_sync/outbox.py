@@ -9,17 +9,15 @@ hold the write lock the gateway's ingest needs.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cloud_sync.codec import Row, Series
-from gateway.store.database import connect
+from cloud_sync.dbthread import ConnectionThread
+from gateway.store.database import connect, file_bytes
 
 T = TypeVar("T")
 
@@ -50,35 +48,26 @@ def schema_version(path: Path) -> tuple[int, bool] | None:
         conn.close()
 
 
-class StoreReader:
+class StoreReader(ConnectionThread):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-reader")
-        self._conn: sqlite3.Connection | None = None
+        super().__init__(path, "sync-reader")
         self.series: dict[int, Series] = {}
+
+    def _open(self) -> sqlite3.Connection:
+        conn = connect(self.path, readonly=True)
+        # a read that waits cannot block anyone; keep it bounded so a wedged file shows up
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA query_only=1")
+        # reads walk the outbox forward once: a big page cache would only cost memory
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        return conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on the reader thread (also for encoding work that needs rows)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+        return await self._on_thread(self._call, fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            self._conn = connect(self.path, readonly=True)
-            # a read that waits cannot block anyone; keep it bounded so a wedged file shows up
-            self._conn.execute("PRAGMA busy_timeout=5000")
-            self._conn.execute("PRAGMA query_only=1")
-            # reads walk the outbox forward once: a big page cache would only cost memory
-            self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        return fn(self._conn)
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
+        return fn(self._connection())
 
     # -- readings -------------------------------------------------------------------------
     async def head(self) -> int:
@@ -147,11 +136,7 @@ class StoreReader:
         return await self.run(lambda c: backlog_of(c, base, acked))
 
     def db_bytes(self) -> int:
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                total += Path(str(self.path) + suffix).stat().st_size
-        return total
+        return file_bytes(self.path)
 
 
 def _head(c: sqlite3.Connection) -> int:

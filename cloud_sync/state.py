@@ -15,17 +15,16 @@ gateway, so a write of ours never turns into a checkpoint of its WAL.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cloud_sync.dbthread import ConnectionThread
 from cloud_sync.ledger import Range
 from cloud_sync.outbox import OUTBOX_CONSUMER
 
@@ -55,26 +54,25 @@ class Snapshot:
     reported: list[tuple[str, str]] = field(default_factory=list)
 
 
-class StateStore:
+class StateStore(ConnectionThread):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-writer")
-        self._conn: sqlite3.Connection | None = None
+        super().__init__(path, "sync-writer")
         self.writes = 0
 
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA cache_size=-256")  # a few small rows
+        return conn
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._txn, fn)
+        return await self._on_thread(self._txn, fn)
 
     def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.execute("PRAGMA cache_size=-256")  # a few small rows
-            self._conn = conn
-        c = self._conn
+        c = self._connection()
         c.execute("BEGIN IMMEDIATE")
         try:
             out = fn(c)
@@ -85,15 +83,6 @@ class StateStore:
             raise
         self.writes += 1
         return out
-
-    async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
 
     # -- startup ----------------------------------------------------------------------------
     async def load(self) -> Persisted:

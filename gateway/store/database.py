@@ -69,6 +69,15 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def file_bytes(path: Path) -> int:
+    """Size on disk of the database file and its WAL (either may be missing)."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += Path(str(path) + suffix).stat().st_size
+    return total
+
+
 class Database:
     def __init__(
         self,
@@ -363,17 +372,12 @@ class Database:
     async def used_bytes(self) -> int:
         """Bytes of pages in use: DELETE frees pages inside the file without shrinking it, so
         the file size would keep a quota "exceeded" forever and drop more on every run."""
-        pc = await self.fetchone("PRAGMA page_count")
-        fl = await self.fetchone("PRAGMA freelist_count")
-        ps = await self.fetchone("PRAGMA page_size")
-        return (int(pc[0]) - int(fl[0])) * int(ps[0]) if pc and fl and ps else self.size_bytes()
+        row = await self.fetchone("SELECT (p.page_count - f.freelist_count) * s.page_size"
+                                  " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s")
+        return int(row[0]) if row else self.size_bytes()
 
     def size_bytes(self) -> int:
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                total += Path(str(self.path) + suffix).stat().st_size
-        return total
+        return file_bytes(self.path)
 
     async def integrity_check(self) -> str:
         row = await self.fetchone("PRAGMA quick_check")
