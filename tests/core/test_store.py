@@ -161,11 +161,16 @@ async def test_quota_drop_oldest_counts_every_drop_persistently(db: Database) ->
     assert f'siteward_dropped_total{{policy="quota_drop_oldest"}} {float(dropped)}'.encode() in metrics.render()
 
 
-async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(db: Database) -> None:
+async def _old_half_acknowledged(db: Database) -> None:
+    """5,000 readings of three days ago the cloud has acknowledged, then 5,000 fresh unsent ones."""
     await db.add_readings([r(value=i, ts=time.time() - 3 * 86400) for i in range(5000)])
     await db.add_readings([r(value=i) for i in range(5000)])
     await Outbox(db).register("cloud")
     await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 5000"))
+
+
+async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(db: Database) -> None:
+    await _old_half_acknowledged(db)
     m = Maintenance(db, Metrics(), retention_days=30, quota_mb=1000, quota_policy="drop_oldest")
     await m.merge()
     # the acknowledged half of history is about a fifth of the pages in use
@@ -176,10 +181,7 @@ async def test_quota_frees_acknowledged_history_before_dropping_anything_unsent(
 
 
 async def test_quota_drops_unsent_only_once_acknowledged_history_is_gone(db: Database) -> None:
-    await db.add_readings([r(value=i, ts=time.time() - 3 * 86400) for i in range(5000)])
-    await db.add_readings([r(value=i) for i in range(5000)])
-    await Outbox(db).register("cloud")
-    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = 5000"))
+    await _old_half_acknowledged(db)
     m = Maintenance(db, Metrics(), retention_days=30, quota_mb=0.01, quota_policy="drop_oldest")
     dropped = (await m.run_once())["quota_dropped"]
     # a quota smaller than an empty store: everything goes except the newest row (the id high-water mark)
