@@ -109,17 +109,11 @@ class Commander:
         if dev.state == DeviceState.IGNORED:
             raise CommandRefused(f"device {device_id} is ignored")
         cid = command_id or uuid.uuid4().hex[:16]
-        now = time.time()
-        deadline = now + (req.timeout_s or self._timeout)
         expect = derive_expect(req)
         topic = self._profiles.command_topic(dev.profile, device_id)
         payload = json.dumps({"id": cid, "command": req.command, "args": req.args}, separators=(",", ":"))
-        await self._db.write(lambda c: c.execute(
-            "INSERT INTO commands (id, device_id, command, args, expect, state, created_at, updated_at, deadline)"
-            " VALUES (?, ?, ?, ?, ?, 'sent', ?, ?, ?)",
-            (cid, device_id, req.command, json.dumps(req.args), json.dumps(expect) if expect else None,
-             now, now, deadline)))
-        self._pending[cid] = (device_id, deadline, expect)
+        await self._record_sent(cid, device_id, req.command, json.dumps(req.args), expect,
+                                req.timeout_s or self._timeout)
         try:
             await self._publish(topic, payload.encode())
         except Exception as exc:
@@ -130,6 +124,17 @@ class Commander:
         cmd = await self.get(cid)
         assert cmd is not None
         return cmd
+
+    async def _record_sent(self, cid: str, device_id: str, command: str, args_json: str,
+                           expect: dict[str, Any] | None, timeout_s: float) -> None:
+        """The command's row, state ``sent``, and its wait for a confirmation until the deadline."""
+        now = time.time()
+        deadline = now + timeout_s
+        await self._db.write(lambda c: c.execute(
+            "INSERT INTO commands (id, device_id, command, args, expect, state, created_at, updated_at, deadline)"
+            " VALUES (?, ?, ?, ?, ?, 'sent', ?, ?, ?)",
+            (cid, device_id, command, args_json, json.dumps(expect) if expect else None, now, now, deadline)))
+        self._pending[cid] = (device_id, deadline, expect)
 
     async def on_status(self, device_id: str, status: Any) -> None:
         """A device reported its state: confirm whichever of its commands it answers."""
@@ -236,12 +241,7 @@ class Commander:
             await self._queue_reject(qid, "invalid", str(exc)[:300])
             return
         device, command = r[1], r[2]
-        now = time.time()
-        deadline = now + (r[5] or LOCAL_TIMEOUT_S)
-        await self._db.write(lambda c: c.execute(
-            "INSERT INTO commands (id, device_id, command, args, expect, state, created_at, updated_at, deadline)"
-            " VALUES (?, ?, ?, ?, NULL, 'sent', ?, ?, ?)", (cid, device, command, r[3], now, now, deadline)))
-        self._pending[cid] = (device, deadline, None)
+        await self._record_sent(cid, device, command, r[3], None, r[5] or LOCAL_TIMEOUT_S)
         await self._events.record("command.sent", device, {"id": cid, "command": command, "actor": "cloud"})
         # runs beside the queue: a long download must not hold up the commands behind it
         task = asyncio.create_task(self._run_local(cid, local, request), name=f"command.{command}.{cid}")
