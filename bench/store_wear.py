@@ -4,7 +4,7 @@
 
 No broker, no network: one process replays the commit pattern of N devices x 3 metrics
 publishing at a fixed total rate, in simulated time, and reads its own ``write_bytes``
-from /proc/self/io. Connections come from ``gateway.store.database.connect`` (WAL and
+from /proc/self/io. Connections come from ``gateway.store.files.connect`` (WAL and
 ``synchronous=FULL`` as Siteward opens them). The readings table of each layout is
 defined here, not taken from the migrations, so a layout keeps meaning the same thing
 while Siteward's schema changes. The database is first filled with a minute of history
@@ -43,7 +43,7 @@ INSERT = "INSERT INTO {t} (id, series_id, ts, value, flags, source) VALUES (?, ?
 
 
 def _open(path: Path, layout: str) -> sqlite3.Connection:
-    from gateway.store.database import connect
+    from gateway.store.files import connect
 
     conn = connect(path)
     conn.execute("CREATE TABLE series (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, metric TEXT NOT NULL,"

@@ -174,12 +174,14 @@ def browser_figures(base: str, cookie: str, runs: int) -> dict[str, Any]:
 
 
 def api_vs_sql(g: Gateway, cookie: str, now: float, runs: int, points: int) -> tuple[float, float]:
+    from gateway.store.files import attach_statement
     from gateway.store.readings import DOWNSAMPLE_SQL, downsample_params
 
     since, until = now - WEEK_S, now
     url = f"{g.base}/api/v1/devices/{DEVICE}/series?metric={METRIC}&since={since:.3f}&until={until:.3f}&points={points}"
     sid = g.run(g.gw.readings.series_of(DEVICE, METRIC))[0]
     conn = sqlite3.connect(f"file:{g.settings.db_path}?mode=ro", uri=True)
+    conn.execute(*attach_statement(g.settings.db_path, readonly=True))  # as the gateway's readers do
     api, sql = [], []
     try:
         for _ in range(runs):  # interleaved, so that drift on a shared machine hits both alike

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from cloud_sync.codec import Row, Series
 from cloud_sync.dbthread import ConnectionThread
-from gateway.store.database import connect, file_bytes
+from gateway.store.files import connect, file_bytes
 
 T = TypeVar("T")
 

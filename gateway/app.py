@@ -128,10 +128,12 @@ class Gateway:
         st = self.settings
         st.data_dir.mkdir(parents=True, exist_ok=True)
         await self.db.open()
-        if self.db.salvage_report is not None:  # a corrupt file was set aside: say so until restart
-            salvaged = self.db.salvage_report.as_dict()
-            self.health.register("store_salvage", lambda: {"ok": False, **salvaged})
-            await self.events.record("store.salvaged", None, salvaged)
+        for component, report in (("store_salvage", self.db.salvage_report),
+                                  ("history_salvage", self.db.history_salvage_report)):
+            if report is not None:  # a corrupt file was set aside: say so until restart
+                salvaged = report.as_dict()
+                self.health.register(component, lambda s=salvaged: {"ok": False, **s})
+                await self.events.record("store.salvaged", None, salvaged)
         await self.registry.load()
         await self.credentials.load()
         await self.commander.load()

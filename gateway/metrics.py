@@ -36,7 +36,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("siteward_store_queue_depth", "Writes waiting for commit", registry=r)
-        self.db_bytes = Gauge("siteward_db_bytes", "Database size on disk (file + WAL)", registry=r)
+        self.db_bytes = Gauge("siteward_db_bytes", "Store size on disk (both files and WALs)", registry=r)
         self.connected_clients = Gauge(
             "siteward_mqtt_connected_clients", "MQTT clients connected to the broker", registry=r
         )

@@ -26,7 +26,9 @@ import structlog
 
 from gateway.metrics import Metrics
 from gateway.models import Reading, Source
-from gateway.store.migrations import apply_migrations
+from gateway.store import history
+from gateway.store.files import HISTORY_SCHEMA, attach_statement, connect, file_bytes, history_path
+from gateway.store.migrations import LAST_SINGLE_FILE_VERSION, apply_migrations
 from gateway.store.salvage import SalvageReport, check_and_salvage, id_floor
 
 log = structlog.get_logger(__name__)
@@ -56,28 +58,6 @@ class _Op:
         self.weight = len(readings) if kind == _READINGS else 1
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the database the way every Siteward process must (WAL, FULL sync)."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False, timeout=30)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
-
-def file_bytes(path: Path) -> int:
-    """Size on disk of the database file and its WAL (either may be missing)."""
-    total = 0
-    for suffix in ("", "-wal"):
-        with contextlib.suppress(OSError):
-            total += Path(str(path) + suffix).stat().st_size
-    return total
-
-
 class Database:
     def __init__(
         self,
@@ -104,7 +84,9 @@ class Database:
         self._ckpt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siteward-checkpoint")
         self.commits = 0
         self.last_commit_error: str | None = None
+        self.history = history.HistoryWriter(self.path)
         self.salvage_report: SalvageReport | None = None
+        self.history_salvage_report: SalvageReport | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> list[int]:
@@ -113,13 +95,17 @@ class Database:
         # a corrupt file is set aside and what it still holds copied to a fresh one (store.salvage)
         self.salvage_report = await loop.run_in_executor(self._executor, check_and_salvage, self.path,
                                                          apply_migrations)
+        self.history_salvage_report = await loop.run_in_executor(
+            self._executor, check_and_salvage, history_path(self.path), history.make_history_schema)
+        await loop.run_in_executor(self._executor, history.prepare, self.path)
         applied = await loop.run_in_executor(self._executor, self._open_writer)
-        # ids stay above those of readings a salvage could not save (they may be in the cloud)
-        self._next_id = max(self._next_id, await loop.run_in_executor(self._executor, id_floor, self._conn) + 1)
-        self._reader = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True,
-                                               isolation_level=None)
+        await self.history.open()
+        # ids stay above those of readings a salvage could not save (they may be in the cloud),
+        # and above every merged id (a store emptied by hand keeps its marker)
+        self._next_id = max(self._next_id, await loop.run_in_executor(self._executor, id_floor, self._conn) + 1,
+                            await self.history.run(history.merged_upto) + 1)
+        self._reader = await self._connect_reader()
         await self._reader.execute("PRAGMA busy_timeout=30000")
-        self._reader.row_factory = sqlite3.Row
         self._task = asyncio.create_task(self._writer_loop(), name="store-writer")
         if applied:
             log.info("store.migrated", path=str(self.path), applied=applied)
@@ -127,12 +113,13 @@ class Database:
 
     def _open_writer(self) -> list[int]:
         conn = connect(self.path)
-        applied = apply_migrations(conn)
+        applied = apply_migrations(conn, upto=LAST_SINGLE_FILE_VERSION)
+        history.move_legacy_history(conn, self.path)  # before migration 6 drops the old table
+        applied += apply_migrations(conn)
         # the newest reading never leaves the table (gateway.store.readings), so max(id) is
-        # the high-water mark; the merge watermark covers a table emptied by hand
+        # the high-water mark
         top = conn.execute("SELECT max(id) FROM readings").fetchone()[0] or 0
-        merged = conn.execute("SELECT value FROM meta WHERE key = 'history_merged_id'").fetchone()
-        self._next_id = max(top, int(merged[0]) if merged else 0) + 1
+        self._next_id = top + 1
         # checkpoints run from their own connection (checkpoint()), not inside a commit:
         # the commit that happened to trigger SQLite's automatic one was the latency tail
         conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -154,6 +141,7 @@ class Database:
         if self._ckpt_conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._ckpt_executor, self._ckpt_conn.close)
         self._ckpt_executor.shutdown(wait=True)
+        await self.history.close()
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._executor, self._conn.close)
@@ -362,23 +350,42 @@ class Database:
     @contextlib.asynccontextmanager
     async def read_connection(self) -> Any:
         """A private read-only connection, for long streaming reads (CSV export)."""
-        conn = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-        conn.row_factory = sqlite3.Row
+        conn = await self._connect_reader()
         try:
             yield conn
         finally:
             await conn.close()
 
+    async def _connect_reader(self) -> aiosqlite.Connection:
+        """Read-only, the history file attached: queries read history and outbox in one statement."""
+        conn = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            await conn.execute(*attach_statement(self.path, readonly=True))
+        except BaseException:
+            await conn.close()
+            raise
+        conn.row_factory = sqlite3.Row
+        return conn
+
     async def used_bytes(self) -> int:
         """Bytes of pages in use: DELETE frees pages inside the file without shrinking it, so
         the file size would keep a quota "exceeded" forever and drop more on every run."""
-        row = await self.fetchone("SELECT (p.page_count - f.freelist_count) * s.page_size"
-                                  " FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s")
-        return int(row[0]) if row else self.size_bytes()
+        total = 0
+        for db in ("main", HISTORY_SCHEMA):  # the history file is most of the store
+            # plain PRAGMAs: their table-valued forms do not all take a schema
+            pages, free, size = [int((await self.fetchall(f"PRAGMA {db}.{p}"))[0][0])
+                                 for p in ("page_count", "freelist_count", "page_size")]
+            total += (pages - free) * size
+        return total
 
     def size_bytes(self) -> int:
         return file_bytes(self.path)
 
     async def integrity_check(self) -> str:
-        row = await self.fetchone("PRAGMA quick_check")
-        return str(row[0]) if row else "no answer"
+        """"ok", or what is wrong, in either file."""
+        problems = []
+        for db in ("main", HISTORY_SCHEMA):
+            row = await self.fetchone(f"PRAGMA {db}.quick_check")
+            if row is None or row[0] != "ok":
+                problems.append(f"{db}: {row[0] if row else 'no answer'}")
+        return "; ".join(problems) or "ok"

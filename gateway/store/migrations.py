@@ -370,6 +370,47 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX automation_runs_created ON automation_runs (created_at);
         """,
     ),
+    (
+        6,
+        "history moves to a file of its own (gateway.store.history)",
+        """
+        -- gateway.store.history.move_legacy_history copied the rows and the merge marker
+        -- into <name>-history.db before this runs; the marker now lives there too
+        DROP TABLE IF EXISTS history;
+        DELETE FROM meta WHERE key = 'history_merged_id';
+        """,
+    ),
+]
+
+# the last schema of the main file that still held the history table
+LAST_SINGLE_FILE_VERSION = 5
+
+# The history file's own schema (its own user_version), see gateway.store.history.
+HISTORY_MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "history clustered by series and time, and the merge marker",
+        """
+        -- Filled from the main file's readings by a periodic merge, so each series' leaf
+        -- page is written once per merge instead of once per commit.
+        CREATE TABLE history (
+            series_id INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            id INTEGER NOT NULL,
+            value REAL NOT NULL,
+            flags INTEGER NOT NULL DEFAULT 0,
+            source INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (series_id, ts, id)
+        ) WITHOUT ROWID;
+
+        -- the highest outbox id merged, committed together with the rows it covers
+        CREATE TABLE history_merge (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            merged_id INTEGER NOT NULL
+        );
+        INSERT INTO history_merge (id, merged_id) VALUES (1, 0);
+        """,
+    ),
 ]
 
 
@@ -377,19 +418,20 @@ def current_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def apply_migrations(conn: sqlite3.Connection) -> list[int]:
-    """Apply every pending migration; returns the numbers applied."""
+def apply_migrations(conn: sqlite3.Connection, *, upto: int | None = None,
+                     migrations: list[tuple[int, str, str]] = MIGRATIONS) -> list[int]:
+    """Apply every pending migration (up to number ``upto``); returns the numbers applied."""
     applied: list[int] = []
     have = current_version(conn)
     # numeric order, whatever order the list was edited in
-    ordered = sorted(MIGRATIONS, key=lambda m: m[0])
+    ordered = sorted(migrations, key=lambda m: m[0])
     latest = ordered[-1][0]
     if have > latest:
         raise RuntimeError(
             f"database schema version {have} is newer than this Siteward ({latest}); refusing to run"
         )
     for number, _title, sql in ordered:
-        if number <= have:
+        if number <= have or (upto is not None and number > upto):
             continue
         # executescript would COMMIT implicitly; run statement by statement inside one
         # explicit transaction so the version bump is atomic with the schema change.

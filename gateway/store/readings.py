@@ -6,7 +6,8 @@ Two tables, for the SD card's sake (docs/performance.md, "Where the bytes go"):
   watermark) and the newest history. A commit writes about one page.
 * ``history`` is clustered by (series, ts, id) for queries and charts. A periodic
   merge copies readings into it in bulk, so each series' leaf page is written once per
-  merge rather than once per commit.
+  merge rather than once per commit. It lives in a file of its own, written by its own
+  connection, so that the merge never holds up ingest (``gateway.store.history``).
 
 Every query reads ``history`` plus the unmerged tail of ``readings`` in one statement
 (one snapshot). A row leaves ``readings`` once it is merged and every outbox consumer
@@ -35,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.models import StoredReading, TimeFlag
 from gateway.store.database import Database
 from gateway.store.filters import Where
+from gateway.store.history import merged_upto
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +45,10 @@ QUOTA_FIRST_CHUNK = 500
 QUOTA_MIN_CHUNK = 50
 QUOTA_MAX_CHUNK = 200_000
 QUOTA_MAX_ROUNDS = 100
-# rows merged per write: bounds how long one merge holds the writer (ingest waits meanwhile)
+# rows merged per transaction of the history file: bounds the memory of one merge
 MERGE_CHUNK = 100_000
-MERGED_KEY = "history_merged_id"
 
-_MERGED = f"(SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{MERGED_KEY}')"
+_MERGED = "(SELECT merged_id FROM history_merge)"
 # history plus the unmerged tail of readings, as one relation (one snapshot)
 _ALL = (
     "(SELECT id, series_id, ts, value, flags FROM history WHERE series_id = :sid AND ts >= :since AND ts <= :until"
@@ -99,11 +100,6 @@ def summarise(rows: Any, since: float, until: float, buckets: int) -> list[tuple
             cur[0], cur[1], cur[2], cur[3] = min(cur[0], lo), max(cur[1], hi), cur[2] + total, cur[3] + n
     return [(b, min(since + (b + 0.5) * width, until), v[0], v[1], v[2] / v[3], int(v[3]))
             for b, v in sorted(acc.items()) if v[3] > 0]
-
-
-def merged_upto(c: sqlite3.Connection) -> int:
-    row = c.execute("SELECT value FROM meta WHERE key = ?", (MERGED_KEY,)).fetchone()
-    return int(row[0]) if row else 0
 
 
 def synced_upto(c: sqlite3.Connection) -> int | None:
@@ -237,36 +233,47 @@ class Maintenance:
         self.dropped_total = int(row[0]) if row else 0
 
     async def merge(self) -> int:
-        """Copy readings into history (bulk, in series order); release acknowledged outbox rows."""
+        """Copy readings into history (bulk, in series order); release acknowledged outbox rows.
+
+        The copy runs on the history file's own writer: ingest keeps committing meanwhile.
+        Outbox rows are released afterwards, on the main writer, and only up to the marker
+        the copy committed, so no reading is ever in neither table.
+        """
         total = 0
         while True:
-            n = await self._db.write(self._merge_chunk)
+            n, upto = await self._db.history.run(self._merge_chunk)
             total += n
+            await self._db.write(functools.partial(self._release, upto))
             if n < MERGE_CHUNK:
                 return total
 
-    def _merge_chunk(self, c: sqlite3.Connection) -> int:
+    @staticmethod
+    def _merge_chunk(c: sqlite3.Connection) -> tuple[int, int]:
         merged = merged_upto(c)
-        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
+        top = int(c.execute("SELECT max(id) FROM main.readings").fetchone()[0] or 0)
         upto = min(top, merged + MERGE_CHUNK)
         n = 0
         if upto > merged:
             # sorted by the clustering key: each series' rows land on its leaf pages in one go
             n = int(c.execute(
                 "INSERT OR IGNORE INTO history (series_id, ts, id, value, flags, source)"
-                " SELECT series_id, ts, id, value, flags, source FROM readings WHERE id > ? AND id <= ?"
+                " SELECT series_id, ts, id, value, flags, source FROM main.readings WHERE id > ? AND id <= ?"
                 " ORDER BY series_id, ts, id", (merged, upto)).rowcount)
-            c.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
-                      " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (MERGED_KEY, str(upto)))
+            c.execute("UPDATE history_merge SET merged_id = ?", (upto,))
+        return n, max(upto, merged)
+
+    @staticmethod
+    def _release(merged: int, c: sqlite3.Connection) -> None:
+        """Delete outbox rows that are merged (up to ``merged``) and acknowledged by every consumer."""
+        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
         synced = synced_upto(c)
-        release = upto if synced is None else min(upto, synced)
+        release = merged if synced is None else min(merged, synced)
         # the newest row stays: max(id) is the high-water mark that keeps ids unique forever
         c.execute("DELETE FROM readings WHERE id <= ? AND id < ?", (release, top))
-        return n
 
     async def run_once(self) -> dict[str, int]:
         merged = await self.merge()
-        deleted = await self._db.write(self._retention)
+        deleted = await self._db.history.run(self._retention)
         dropped = 0
         self._metrics.db_bytes.set(self._db.size_bytes())
         size = await self._db.used_bytes()
@@ -298,7 +305,7 @@ class Maintenance:
         for _ in range(QUOTA_MAX_ROUNDS):
             if size <= self.quota_bytes:
                 break
-            acked, n = await self._db.write(functools.partial(self._drop_oldest, limit=chunk))
+            acked, n = await self._drop_oldest(chunk)
             if not acked and not n:
                 break  # nothing left that may go
             after = await self._db.used_bytes()
@@ -325,10 +332,20 @@ class Maintenance:
                                      (sid, cutoff, bound)).rowcount)
         return deleted
 
-    def _drop_oldest(self, c: sqlite3.Connection, limit: int) -> tuple[int, int]:
+    async def _drop_oldest(self, limit: int) -> tuple[int, int]:
         """Free space: acknowledged history first (the cloud has it), oldest day at a time;
         only when there is none, up to `limit` of the oldest unacknowledged readings, counted
         as drops. Returns (acknowledged rows deleted, unacknowledged readings dropped)."""
+        freed, drop = await self._db.history.run(functools.partial(self._drop_history, limit=limit))
+        if freed or drop is None:
+            return freed, 0
+        return 0, await self._db.write(functools.partial(self._drop_unsent, *drop))
+
+    def _drop_history(self, c: sqlite3.Connection, limit: int) -> tuple[int, tuple[int, int] | None]:
+        """On the history writer: delete the oldest acknowledged day of history; when there is
+        none, pick the oldest `limit` unacknowledged readings, delete their history copies and
+        return their id range for the main writer to drop from the outbox. History goes first:
+        once the outbox rows are gone, nothing says where their copies are."""
         synced = synced_upto(c)
         bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
         oldest = c.execute("SELECT min(m) FROM (SELECT (SELECT min(ts) FROM history h WHERE h.series_id = s.id"
@@ -339,20 +356,29 @@ class Maintenance:
                 freed += int(c.execute("DELETE FROM history WHERE series_id = ? AND ts < ? AND id <= ?",
                                        (sid, oldest + 86400.0, bound)).rowcount)
             if freed:
-                return freed, 0
+                return freed, None
         if synced is None:
-            return 0, 0  # nothing is waiting for a consumer: there is nothing unsynced to drop
-        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
-        upto = c.execute("SELECT max(id) FROM (SELECT id FROM readings WHERE id > ? AND id < ? ORDER BY id LIMIT ?)",
-                         (synced, top, limit)).fetchone()[0]
+            return 0, None  # nothing is waiting for a consumer: there is nothing unsynced to drop
+        top = int(c.execute("SELECT max(id) FROM main.readings").fetchone()[0] or 0)
+        upto = c.execute("SELECT max(id) FROM (SELECT id FROM main.readings WHERE id > ? AND id < ?"
+                         " ORDER BY id LIMIT ?)", (synced, top, limit)).fetchone()[0]
         if upto is None:
-            return 0, 0
+            return 0, None
         c.execute("DELETE FROM history WHERE (series_id, ts, id) IN"
-                  " (SELECT series_id, ts, id FROM readings WHERE id > ? AND id <= ?)", (synced, upto))
-        n = int(c.execute("DELETE FROM readings WHERE id > ? AND id <= ?", (synced, upto)).rowcount)
+                  " (SELECT series_id, ts, id FROM main.readings WHERE id > ? AND id <= ?)", (synced, upto))
+        return 0, (synced, int(upto))
+
+    @staticmethod
+    def _drop_unsent(first: int, upto: int, c: sqlite3.Connection) -> int:
+        """On the main writer: drop outbox rows in (first, upto] that are still unacknowledged
+        (the sync may have caught up since they were picked), and count them."""
+        synced = synced_upto(c)
+        if synced is None:
+            return 0
+        n = int(c.execute("DELETE FROM readings WHERE id > ? AND id <= ?", (max(first, synced), upto)).rowcount)
         c.execute("INSERT INTO counters (name, value) VALUES ('dropped_quota', ?)"
                   " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (n,))
-        return 0, n
+        return n
 
     async def correct_clock(self, step_s: float, from_id: int) -> int:
         """Shift readings stamped by the unsynchronised clock of this boot by the step NTP made."""
@@ -360,15 +386,30 @@ class Maintenance:
         args = (step_s, corrected, from_id, unsynced, int(TimeFlag.NODE_TS))
 
         def fix(c: sqlite3.Connection) -> int:
+            # on the history writer, two transactions with nothing between them (no merge can
+            # run): the outbox first, since that is what the cloud gets; a crash before the
+            # second leaves history's copies uncorrected but still flagged as unsynchronised
             where = "WHERE id >= ? AND flags & ? AND NOT flags & ?"
-            merged = merged_upto(c)
-            n = c.execute(f"UPDATE history SET ts = ts + ?, flags = flags | ? {where}", args).rowcount
-            # rows merged but still in the outbox are fixed in both places, counted once
-            upd = f"UPDATE readings SET ts = ts + ?, flags = flags | ? {where}"
-            c.execute(f"{upd} AND id <= ?", (*args, merged))
-            n += c.execute(f"{upd} AND id > ?", (*args, merged)).rowcount
+            upd = f"UPDATE main.readings SET ts = ts + ?, flags = flags | ? {where}"
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                merged = merged_upto(c)
+                # rows merged but still in the outbox are fixed in both places, counted once
+                c.execute(f"{upd} AND id <= ?", (*args, merged))
+                n = c.execute(f"{upd} AND id > ?", (*args, merged)).rowcount
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            c.execute("BEGIN")
+            try:
+                n += c.execute(f"UPDATE history SET ts = ts + ?, flags = flags | ? {where}", args).rowcount
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
             return int(n)
 
-        n = await self._db.write(fix)
+        n = await self._db.history.run(fix, transaction=False)
         log.info("store.clock_corrected", readings=n, step_s=round(step_s, 3))
         return n

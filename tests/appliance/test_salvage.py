@@ -14,6 +14,8 @@ from gateway.metrics import Metrics
 from gateway.models import Reading
 from gateway.settings import Settings
 from gateway.store.database import Database
+from gateway.store.files import history_path
+from gateway.store.readings import Maintenance, Outbox
 from gateway.store.salvage import ID_GAP, integrity_problem
 
 N = 20_000
@@ -87,6 +89,40 @@ async def test_a_damaged_table_is_salvaged_around_the_bad_pages(tmp_path: Path) 
     await again.open()
     assert again.salvage_report is None
     await again.close()
+
+
+async def test_a_damaged_history_file_is_salvaged_and_the_outbox_is_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "siteward.db"
+    await _fill(path)
+    db = Database(path, Metrics(), commit_interval_ms=0)
+    await db.open()
+    outbox = Outbox(db)
+    await outbox.register("cloud")
+    await db.write(lambda c: c.execute("UPDATE outbox_consumers SET acked_id = ?", (N // 2,)))
+    await Maintenance(db, db.metrics, retention_days=30, quota_mb=1000, quota_policy="drop_oldest").merge()
+    await db.history.run(lambda c: c.execute("PRAGMA hist.wal_checkpoint(TRUNCATE)").fetchone(), transaction=False)
+    await db.close()
+    hist = history_path(path)
+    leaves = _leaf_pages(hist, "history")
+    _smash(hist, leaves[len(leaves) // 2: len(leaves) // 2 + 2])
+    assert integrity_problem(hist) is not None
+
+    db = Database(path, Metrics(), commit_interval_ms=0)
+    await db.open()
+    try:
+        assert db.salvage_report is None  # the main file was sound and is left alone
+        rep = db.history_salvage_report
+        assert rep is not None and glob.glob(rep.broken_file)
+        # a WITHOUT ROWID table is copied in key order up to the damage: what came before is kept
+        assert 0 < rep.tables["history"]["copied"] < N
+        # the unacknowledged half is still in the outbox, whole: the cloud loses nothing
+        row = await db.fetchone("SELECT count(*), min(id), max(id) FROM main.readings")
+        assert tuple(row) == (N - N // 2, N // 2 + 1, N)
+        assert await db.integrity_check() == "ok"
+        ids = await db.add_readings([Reading(device="n1", metric="t", value=1.0, unit="C", ts=time.time())])
+        assert ids[0] == N + 1
+    finally:
+        await db.close()
 
 
 async def test_a_file_that_is_not_a_database_at_all_is_set_aside(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 from gateway.devices.credentials import Credentials
 from gateway.metrics import Metrics
 from gateway.store.database import Database
+from gateway.store.files import history_path
 from tests.broker.rawmqtt import PUBACK, RawClient, publish_packet
 
 CLIENTS = 10
@@ -130,7 +131,9 @@ async def test_kill_9_during_qos1_flood_loses_nothing_acknowledged(tmp_path: Pat
         assert proc.wait(20) == 0, log.read_text()[-2000:]
 
     conn = sqlite3.connect(db_path)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.execute("ATTACH DATABASE ? AS hist", (str(history_path(db_path)),))
+    for schema in ("main", "hist"):  # both files of the store
+        assert conn.execute(f"PRAGMA {schema}.integrity_check").fetchone()[0] == "ok"
     lost = 0
     for dev, seqs in acked.items():
         # history, plus whatever the merge has not moved yet

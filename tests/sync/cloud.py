@@ -24,6 +24,7 @@ from typing import Any
 import aiomqtt
 
 from cloud_sync.codec import decode
+from gateway.store.files import history_path
 from tests.fixtures.mqtt_brokers import MOSQUITTO, free_port, wait_listening
 from tests.sync.pki import Pki
 
@@ -294,20 +295,28 @@ class CloudConsumer:
             assert not extra, f"the cloud has {len(extra)} readings the store never had"
 
 
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _open_store(db_path: Path, *, readonly: bool = True) -> sqlite3.Connection:
+    """The store's main file with its history file attached as ``hist``, when there is one."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro" if readonly else f"file:{db_path}", uri=True)
+    hist = history_path(db_path)
+    if hist.exists():
+        conn.execute("ATTACH DATABASE ? AS hist", (f"file:{hist}?mode=ro" if readonly else f"file:{hist}",))
+    return conn
 
 
 def store_readings(db_path: Path) -> dict[int, dict[str, Any]]:
-    """Every reading the store holds: the outbox (``readings``) and, where the store keeps
-    one, the merged ``history`` (acknowledged rows leave the outbox once merged)."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    """Every reading the store holds: the outbox (``readings``) and the merged ``history``
+    (acknowledged rows leave the outbox once merged)."""
+    conn = _open_store(db_path)
     try:
         q = ("SELECT r.id, s.device_id, s.metric, s.unit, r.value, r.ts, r.flags"
              " FROM {t} r JOIN series s ON s.id = r.series_id")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if any(r[1] == "hist" for r in conn.execute("PRAGMA database_list")):
+            tables |= {r[0] for r in conn.execute("SELECT name FROM hist.sqlite_master WHERE type = 'table'")}
         out: dict[int, dict[str, Any]] = {}
         for table in ("history", "readings"):  # the outbox copy wins: it is the one the sync sends
-            if table not in _tables(conn):
+            if table not in tables:
                 continue
             for r in conn.execute(q.format(t=table)):
                 out[r[0]] = {"id": r[0], "device": r[1], "metric": r[2], "unit": r[3], "value": r[4], "ts": r[5],
@@ -322,8 +331,11 @@ def store_ids(db_path: Path) -> set[int]:
 
 
 def integrity(db_path: Path) -> str:
-    conn = sqlite3.connect(db_path)
+    """"ok" when both files of the store pass SQLite's integrity check."""
+    conn = _open_store(db_path, readonly=False)
     try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+        results = [str(conn.execute(f"PRAGMA {r[1]}.integrity_check").fetchone()[0])
+                   for r in conn.execute("PRAGMA database_list").fetchall() if r[1] != "temp"]
+        return "ok" if all(x == "ok" for x in results) else "; ".join(results)
     finally:
         conn.close()

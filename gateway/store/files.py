@@ -1,0 +1,63 @@
+"""The store's SQLite files: where they are, how every process opens them, what they weigh.
+
+The store is two files in the data dir: the main one (``siteward.db``: outbox, devices,
+everything else) and the history file beside it (``siteward-history.db``, see
+``gateway.store.history``). Each has its own WAL and its own write lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+HISTORY_SCHEMA = "hist"  # the name the history file is attached under
+
+
+def history_path(main: Path) -> Path:
+    """The history file that belongs to the main database file ``main``."""
+    return main.with_name(f"{main.stem}-history{main.suffix or '.db'}")
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a store file the way every Siteward process must (WAL, FULL sync)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=30)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def attach_statement(main: Path, *, readonly: bool) -> tuple[str, tuple[str]]:
+    """The ATTACH of the history file that belongs to ``main``, as ``hist`` (SQL, parameters).
+
+    Unqualified ``history`` and ``history_merge`` then resolve there. Only the history
+    writer may attach it read-write (``gateway.store.history``): the main writer's
+    BEGIN IMMEDIATE would otherwise lock this file as well, and wait for every merge.
+    """
+    path = history_path(main)
+    # read-only connections are opened by URI (see connect), which makes ATTACH take one
+    # too; a plain connection would take "file:..." as a file name and create that file
+    name = f"file:{path}?mode=ro" if readonly else str(path)
+    return f"ATTACH DATABASE ? AS {HISTORY_SCHEMA}", (name,)
+
+
+def attach_history(conn: sqlite3.Connection, main: Path, *, readonly: bool) -> None:
+    conn.execute(*attach_statement(main, readonly=readonly))
+    if not readonly:
+        conn.execute(f"PRAGMA {HISTORY_SCHEMA}.journal_mode=WAL")
+        conn.execute(f"PRAGMA {HISTORY_SCHEMA}.synchronous=FULL")
+
+
+def file_bytes(path: Path) -> int:
+    """Size on disk of the store whose main file is ``path``: both files and their WALs."""
+    total = 0
+    for base in (path, history_path(path)):
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += Path(str(base) + suffix).stat().st_size
+    return total
