@@ -35,6 +35,13 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
             registry=r,
         )
+        self.history_merged = Counter(
+            "siteward_history_merged", "Readings merged from the outbox into the history file", registry=r
+        )
+        self.history_merge_seconds = Histogram(
+            "siteward_history_merge_seconds", "Duration of one history merge (its own writer: ingest goes on)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r
+        )
         self.queue_depth = Gauge("siteward_store_queue_depth", "Writes waiting for commit", registry=r)
         self.db_bytes = Gauge("siteward_db_bytes", "Store size on disk (both files and WALs)", registry=r)
         self.connected_clients = Gauge(

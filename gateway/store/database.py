@@ -27,7 +27,14 @@ import structlog
 from gateway.metrics import Metrics
 from gateway.models import Reading, Source
 from gateway.store import history
-from gateway.store.files import HISTORY_SCHEMA, attach_statement, connect, file_bytes, history_path
+from gateway.store.files import (
+    HISTORY_SCHEMA,
+    MAIN_PAGE_SIZE,
+    attach_statement,
+    connect,
+    file_bytes,
+    history_path,
+)
 from gateway.store.migrations import LAST_SINGLE_FILE_VERSION, apply_migrations
 from gateway.store.salvage import SalvageReport, check_and_salvage, id_floor
 
@@ -112,7 +119,7 @@ class Database:
         return applied
 
     def _open_writer(self) -> list[int]:
-        conn = connect(self.path)
+        conn = connect(self.path, page_size=MAIN_PAGE_SIZE)
         applied = apply_migrations(conn, upto=LAST_SINGLE_FILE_VERSION)
         history.move_legacy_history(conn, self.path)  # before migration 6 drops the old table
         applied += apply_migrations(conn)

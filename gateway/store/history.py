@@ -8,8 +8,8 @@ thread of its own while ingest keeps committing to the main file.
 
 The rules that keep the two files one store:
 
-* Only :class:`HistoryWriter` writes this file. The main writer never attaches it: its
-  BEGIN IMMEDIATE would take this file's lock too and wait for the merge again.
+* Only :class:`HistoryWriter` writes this file. The main writer never attaches it, so
+  no statement on the ingest path can wait for this file's lock.
 * The merge marker (``history_merge.merged_id``) lives here, committed in the same
   transaction as the rows it covers. Outbox rows leave the main file only after that.
 * Readers attach the file as ``hist``, so an unqualified ``history`` resolves here. A
@@ -111,6 +111,7 @@ class HistoryWriter:
         self._main = main
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="siteward-history")
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
@@ -119,11 +120,17 @@ class HistoryWriter:
         conn = connect(self._main)
         attach_history(conn, self._main, readonly=False)
         conn.execute(f"PRAGMA {HISTORY_SCHEMA}.journal_size_limit = {WAL_LIMIT_BYTES}")
+        # the merge sorts a minute of readings by series: in memory, not through temporary
+        # files, which cost ~30 B written per merged reading (bench/store_cycle.py);
+        # shrink() gives the memory back after each merge
+        conn.execute("PRAGMA temp_store=MEMORY")
         self._conn = conn
 
     async def run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True) -> T:
         """Run ``fn(conn)`` on the history thread, in one transaction unless told otherwise
         (then ``fn`` opens its own, e.g. one per file, and nothing else runs in between)."""
+        if self._closed:
+            raise RuntimeError("the history writer is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, transaction)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
@@ -142,7 +149,12 @@ class HistoryWriter:
             raise
         return value
 
+    async def shrink(self) -> None:
+        """Free this connection's caches (a merge's sort and pages) until the next merge."""
+        await self.run(lambda c: c.execute("PRAGMA shrink_memory"), transaction=False)
+
     async def close(self) -> None:
+        self._closed = True
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
             self._conn = None

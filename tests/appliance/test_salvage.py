@@ -48,7 +48,10 @@ def _leaf_pages(path: Path, table: str) -> list[int]:
         conn.close()
 
 
-def _smash(path: Path, pages: list[int], page_size: int = 4096) -> None:
+def _smash(path: Path, pages: list[int]) -> None:
+    with open(path, "rb") as f:  # the header says the page size (bytes 16-17; 1 means 65536)
+        page_size = int.from_bytes(f.read(100)[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
     with open(path, "r+b") as f:
         for p in pages:
             f.seek((p - 1) * page_size)
