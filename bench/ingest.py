@@ -63,9 +63,10 @@ class Plan:
     full_warmup_s: float = 3.0
     full_s: float = 10.0
     paced_warmup_s: float = 3.0
-    # longer than the gateway's maintenance interval (60 s): every measured window holds at
-    # least one outbox -> history merge, the case that once set the p99 (docs/performance.md)
-    paced_s: float = 65.0
+    # three of the gateway's 60 s maintenance intervals and a little: the window holds three
+    # outbox -> history merges, the case that once set the p99, and its bytes per reading
+    # pay for the merges of nearly all of its own readings (docs/performance.md)
+    paced_s: float = 185.0
     sweep_warmup_s: float = 3.0
     sweep_s: float = 10.0
     sweep_ms: list[float] = field(
@@ -871,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs, database)")
     ap.add_argument("--rounds", type=int, default=None, help="full-speed rounds (default 2, quick 1)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the commit-interval sweep")
+    ap.add_argument("--paced-s", type=float, default=None,
+                    help="length of the fixed-rate window (default 185 s: three history merges)")
     ap.add_argument("--commit-interval-ms", type=float, default=None,
                     help="commit interval for the main Siteward scenarios (default: Siteward's default)")
     ap.add_argument("--source", default="worktree",
@@ -881,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.rounds is not None:
         plan.rounds = max(1, args.rounds)
+    if args.paced_s is not None:
+        plan.paced_s = max(1.0, args.paced_s)
     plan.source = args.source
     if args.no_sweep:
         plan.sweep_ms = []
