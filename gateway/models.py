@@ -93,15 +93,22 @@ class Device(BaseModel):
 
     @property
     def tags(self) -> frozenset[str]:
-        """Labels a technician (PATCH /api/v1/devices/{id}) or the node itself put in
-        ``attributes["tags"]``: a list, or one comma-separated string. Rules and OTA
-        campaigns target devices by them."""
-        raw: Any = self.attributes.get("tags")
-        if isinstance(raw, str):
-            return frozenset(t.strip() for t in raw.split(",") if t.strip())
-        if isinstance(raw, list | tuple):
-            return frozenset(str(t) for t in raw)
-        return frozenset()
+        """Labels a technician set (PATCH /api/v1/devices/{id}, ``attributes["tags"]``) and
+        labels the node reports itself (``attributes["node_tags"]``), kept apart so that
+        neither overwrites the other; each a list, or one comma-separated string. Rules and
+        OTA campaigns target devices by them."""
+        return _labels(self.attributes.get("tags")) | _labels(self.attributes.get(NODE_TAGS))
+
+
+NODE_TAGS = "node_tags"  # where a node's own "tags" attribute is kept (Device.tags)
+
+
+def _labels(raw: Any) -> frozenset[str]:
+    if isinstance(raw, str):
+        return frozenset(t.strip() for t in raw.split(",") if t.strip())
+    if isinstance(raw, list | tuple):
+        return frozenset(str(t) for t in raw)
+    return frozenset()
 
 
 class Event(BaseModel):

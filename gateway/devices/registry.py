@@ -18,7 +18,7 @@ import structlog
 
 from gateway.bus import LiveBus
 from gateway.metrics import Metrics
-from gateway.models import Device, DeviceState
+from gateway.models import NODE_TAGS, Device, DeviceState
 from gateway.store.database import Database
 from gateway.store.events import EventLog
 
@@ -214,6 +214,8 @@ class DeviceRegistry:
         changes: dict[str, Any] = {}
         extra = dict(dev.attributes)
         for k, v in attrs.items():
+            if k == "tags":  # a technician's tags (update_meta) are not the node's to replace
+                k = NODE_TAGS
             if k == "firmware":
                 if dev.firmware != str(v):
                     changes["firmware"] = str(v)

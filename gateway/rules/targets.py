@@ -1,9 +1,9 @@
 """Which devices a rule or schedule is about: one device, a group/tag, all of a kind or profile.
 
 Groups are named device lists (``[rules.groups]`` in the config file, or made through the
-API); a device can also carry tags itself, in ``attributes["tags"]`` (a list, or a
-comma-separated string). Membership is read from the device registry's memory, never
-from the store.
+API); a device can also carry tags (``Device.tags``: those a technician set, in
+``attributes["tags"]``, and those the node reports, in ``attributes["node_tags"]``).
+Membership is read from the device registry's memory, never from the store.
 """
 
 from __future__ import annotations

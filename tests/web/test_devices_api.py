@@ -124,6 +124,17 @@ async def test_tags_set_through_the_api_are_what_rules_and_campaigns_target(site
     stored = await site.gw.db.fetchone("SELECT attributes FROM devices WHERE id = 'node-1'")
     assert stored is not None and '"boiler"' in stored[0]
     assert await site.gw.rules.targets.members(Target(tag="floor-1")) == ["node-1"]
+    # tags the node reports itself are kept apart: neither side overwrites the other
+    await site.gw.registry.apply_attributes("node-1", {"tags": ["cellar"]})
+    dev = await tech.get("/api/v1/devices/node-1")
+    assert dev.json["attributes"]["tags"] == ["boiler", "floor-1"]
+    assert dev.json["attributes"]["node_tags"] == ["cellar"]
+    device = await site.gw.registry.get("node-1")
+    assert device is not None and device.tags == {"boiler", "floor-1", "cellar"}
+    assert (await tech.call("PATCH", "/api/v1/devices/node-1", json_body={"tags": ["boiler"]})).status == 200
+    assert await site.gw.rules.targets.members(Target(tag="cellar")) == ["node-1"]
+    assert await site.gw.rules.targets.members(Target(tag="floor-1")) == []
+    assert (await tech.get("/api/v1/devices/node-1")).json["attributes"]["node_tags"] == ["cellar"]
 
 
 async def test_technician_changes_devices_and_each_change_is_audited(site: Site) -> None:
