@@ -130,6 +130,11 @@ class Database:
         # checkpoints run from their own connection (checkpoint()), not inside a commit:
         # the commit that happened to trigger SQLite's automatic one was the latency tail
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        # Debian builds SQLite with SECURE_DELETE on: every freed page is zeroed and written
+        # again, and the outbox frees a minute of pages every minute (Maintenance._release).
+        # What is deleted here is sensor readings already in the history file and the cloud,
+        # or hashes; the card's wear matters more than erasing free pages.
+        conn.execute("PRAGMA secure_delete=OFF")
         for sid, dev, metric, unit in conn.execute("SELECT id, device_id, metric, unit FROM series"):
             self._series[(dev, metric)] = (sid, unit)
         self._conn = conn

@@ -34,7 +34,7 @@ from typing import TypeVar
 
 import structlog
 
-from gateway.store.files import HISTORY_SCHEMA, attach_history, connect, history_path
+from gateway.store.files import HISTORY_PAGE_SIZE, HISTORY_SCHEMA, attach_history, connect, history_path
 from gateway.store.migrations import HISTORY_MIGRATIONS, apply_migrations
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,7 @@ def make_history_schema(conn: sqlite3.Connection) -> list[int]:
 
 def prepare(main: Path) -> list[int]:
     """Create the history file of ``main`` or migrate it (run before any connection attaches it)."""
-    conn = connect(history_path(main))
+    conn = connect(history_path(main), page_size=HISTORY_PAGE_SIZE)
     try:
         return make_history_schema(conn)
     finally:

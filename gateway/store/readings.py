@@ -45,6 +45,8 @@ QUOTA_FIRST_CHUNK = 500
 QUOTA_MIN_CHUNK = 50
 QUOTA_MAX_CHUNK = 200_000
 QUOTA_MAX_ROUNDS = 100
+# the outbox is rebuilt, not deleted from, when at most 1/REBUILD_RATIO of it stays
+REBUILD_RATIO = 4
 # rows merged per transaction of the history file: more than a minute at 1,000 msg/s x 3
 # metrics, so a merge is one transaction (each series' pages written once); bounds the
 # memory of the in-memory sort (~20 MB) when a backlog is merged
@@ -102,6 +104,12 @@ def summarise(rows: Any, since: float, until: float, buckets: int) -> list[tuple
             cur[0], cur[1], cur[2], cur[3] = min(cur[0], lo), max(cur[1], hi), cur[2] + total, cur[3] + n
     return [(b, min(since + (b + 0.5) * width, until), v[0], v[1], v[2] / v[3], int(v[3]))
             for b, v in sorted(acc.items()) if v[3] > 0]
+
+
+def _rebuildable(c: sqlite3.Connection) -> bool:
+    """The outbox has no index or trigger that a rebuild would have to recreate."""
+    row = c.execute("SELECT count(*) FROM sqlite_master WHERE tbl_name = 'readings' AND type != 'table'").fetchone()
+    return int(row[0]) == 0
 
 
 def synced_upto(c: sqlite3.Connection) -> int | None:
@@ -272,12 +280,30 @@ class Maintenance:
 
     @staticmethod
     def _release(merged: int, c: sqlite3.Connection) -> None:
-        """Delete outbox rows that are merged (up to ``merged``) and acknowledged by every consumer."""
+        """Delete outbox rows that are merged (up to ``merged``) and acknowledged by every consumer.
+
+        The newest row always stays: max(id) is the high-water mark that keeps ids unique.
+        When what stays is small beside what goes (the cloud keeping up), the table is
+        rebuilt from the rows that stay instead: a row-by-row DELETE writes every page it
+        empties (~50 B per reading, the checkpoint as much again), a dropped table only
+        its freelist (docs/performance.md, "What a reading costs the card").
+        """
         top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
         synced = synced_upto(c)
-        release = merged if synced is None else min(merged, synced)
-        # the newest row stays: max(id) is the high-water mark that keeps ids unique forever
-        c.execute("DELETE FROM readings WHERE id <= ? AND id < ?", (release, top))
+        release = min(merged if synced is None else min(merged, synced), top - 1)
+        first = c.execute("SELECT min(id) FROM readings").fetchone()[0]
+        if first is None or release < first:
+            return
+        # upper bounds (ids have gaps where quota drops were), enough to choose the way
+        going, staying = release - first + 1, top - release
+        if staying * REBUILD_RATIO <= going and _rebuildable(c):
+            schema = c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'readings'").fetchone()[0]
+            c.execute(schema.replace("readings", "readings_keep", 1))
+            c.execute("INSERT INTO readings_keep SELECT * FROM readings WHERE id > ?", (release,))
+            c.execute("DROP TABLE readings")
+            c.execute("ALTER TABLE readings_keep RENAME TO readings")
+        else:
+            c.execute("DELETE FROM readings WHERE id <= ?", (release,))
 
     async def run_once(self) -> dict[str, int]:
         merged = await self.merge()
