@@ -15,7 +15,6 @@ gateway, so a write of ours never turns into a checkpoint of its WAL.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import time
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 from cloud_sync.dbthread import ConnectionThread
 from cloud_sync.ledger import Range
 from cloud_sync.outbox import OUTBOX_CONSUMER
+from gateway.store.files import transaction
 
 T = TypeVar("T")
 
@@ -72,15 +72,8 @@ class StateStore(ConnectionThread):
         return await self._on_thread(self._txn, fn)
 
     def _txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        c = self._connection()
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._connection(), "IMMEDIATE") as c:
             out = fn(c)
-            c.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-            raise
         self.writes += 1
         return out
 

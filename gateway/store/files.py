@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 HISTORY_SCHEMA = "hist"  # the name the history file is attached under
@@ -67,6 +68,20 @@ def attach_history(conn: sqlite3.Connection, main: Path, *, readonly: bool) -> N
     if not readonly:
         conn.execute(f"PRAGMA {HISTORY_SCHEMA}.journal_mode=WAL")
         conn.execute(f"PRAGMA {HISTORY_SCHEMA}.synchronous=FULL")
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
+    """BEGIN ``mode`` ... COMMIT on a connection opened with ``isolation_level=None``;
+    ROLLBACK and re-raise if the body raises (a failed ROLLBACK does not hide why)."""
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def file_bytes(path: Path) -> int:

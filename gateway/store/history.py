@@ -24,7 +24,6 @@ The rules that keep the two files one store:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -34,7 +33,14 @@ from typing import TypeVar
 
 import structlog
 
-from gateway.store.files import HISTORY_PAGE_SIZE, HISTORY_SCHEMA, attach_history, connect, history_path
+from gateway.store.files import (
+    HISTORY_PAGE_SIZE,
+    HISTORY_SCHEMA,
+    attach_history,
+    connect,
+    history_path,
+    transaction,
+)
 from gateway.store.migrations import HISTORY_MIGRATIONS, apply_migrations
 
 log = structlog.get_logger(__name__)
@@ -79,19 +85,13 @@ def move_legacy_history(conn: sqlite3.Connection, main: Path) -> int:
     t0 = time.monotonic()
     attach_history(conn, main, readonly=False)
     try:
-        conn.execute("BEGIN")
-        try:
+        with transaction(conn):
             n = int(conn.execute(
                 f"INSERT OR IGNORE INTO {HISTORY_SCHEMA}.history (series_id, ts, id, value, flags, source)"
                 " SELECT series_id, ts, id, value, flags, source FROM main.history").rowcount)
             row = conn.execute("SELECT value FROM main.meta WHERE key = ?", (LEGACY_MERGED_KEY,)).fetchone()
             conn.execute(f"UPDATE {HISTORY_SCHEMA}.history_merge SET merged_id = max(merged_id, ?)",
                          (int(row[0]) if row else 0,))
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
     finally:
         conn.execute(f"DETACH DATABASE {HISTORY_SCHEMA}")
     if n:
@@ -133,21 +133,14 @@ class HistoryWriter:
             raise RuntimeError("the history writer is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, transaction)
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
+    def _call(self, fn: Callable[[sqlite3.Connection], T], in_transaction: bool) -> T:
         conn = self._conn
         assert conn is not None, "history writer is not open"
-        if not transaction:
+        if not in_transaction:
             return fn(conn)
         # DEFERRED: IMMEDIATE would take the write lock of every attached file, main's too
-        conn.execute("BEGIN")
-        try:
-            value = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return value
+        with transaction(conn):
+            return fn(conn)
 
     async def shrink(self) -> None:
         """Free this connection's caches (a merge's sort and pages) until the next merge."""

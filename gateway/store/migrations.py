@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.store.files import transaction
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
         1,
@@ -435,15 +437,10 @@ def apply_migrations(conn: sqlite3.Connection, *, upto: int | None = None,
             continue
         # executescript would COMMIT implicitly; run statement by statement inside one
         # explicit transaction so the version bump is atomic with the schema change.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn, "IMMEDIATE"):
             for stmt in _split(sql):
                 conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         applied.append(number)
     return applied
 

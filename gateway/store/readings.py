@@ -35,6 +35,7 @@ import structlog
 from gateway.metrics import Metrics
 from gateway.models import StoredReading, TimeFlag
 from gateway.store.database import Database
+from gateway.store.files import transaction
 from gateway.store.filters import Where
 from gateway.store.history import merged_upto
 
@@ -104,6 +105,13 @@ def summarise(rows: Any, since: float, until: float, buckets: int) -> list[tuple
             cur[0], cur[1], cur[2], cur[3] = min(cur[0], lo), max(cur[1], hi), cur[2] + total, cur[3] + n
     return [(b, min(since + (b + 0.5) * width, until), v[0], v[1], v[2] / v[3], int(v[3]))
             for b, v in sorted(acc.items()) if v[3] > 0]
+
+
+def merged_and_acked(merged: int, synced: int | None) -> int:
+    """Highest id that is merged (up to ``merged``) and acknowledged by every outbox
+    consumer (``synced``, None when nobody consumes): what may leave the outbox, and the
+    history that retention and the quota may free first."""
+    return merged if synced is None else min(merged, synced)
 
 
 def _rebuildable(c: sqlite3.Connection) -> bool:
@@ -288,11 +296,11 @@ class Maintenance:
         empties (~50 B per reading, the checkpoint as much again), a dropped table only
         its freelist (docs/performance.md, "What a reading costs the card").
         """
-        top = int(c.execute("SELECT max(id) FROM readings").fetchone()[0] or 0)
-        synced = synced_upto(c)
-        release = min(merged if synced is None else min(merged, synced), top - 1)
-        first = c.execute("SELECT min(id) FROM readings").fetchone()[0]
-        if first is None or release < first:
+        first, top = c.execute("SELECT min(id), max(id) FROM readings").fetchone()
+        if first is None:
+            return
+        release = min(merged_and_acked(merged, synced_upto(c)), top - 1)
+        if release < first:
             return
         # upper bounds (ids have gaps where quota drops were), enough to choose the way
         going, staying = release - first + 1, top - release
@@ -358,8 +366,7 @@ class Maintenance:
 
     def _retention(self, c: sqlite3.Connection) -> int:
         cutoff = time.time() - self.retention_s
-        synced = synced_upto(c)
-        bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
+        bound = merged_and_acked(merged_upto(c), synced_upto(c))
         deleted = 0
         for sid in self._series_ids(c):  # per series: a range delete on the clustering key
             deleted += int(c.execute("DELETE FROM history WHERE series_id = ? AND ts < ? AND id <= ?",
@@ -381,7 +388,7 @@ class Maintenance:
         return their id range for the main writer to drop from the outbox. History goes first:
         once the outbox rows are gone, nothing says where their copies are."""
         synced = synced_upto(c)
-        bound = merged_upto(c) if synced is None else min(synced, merged_upto(c))
+        bound = merged_and_acked(merged_upto(c), synced)
         oldest = c.execute("SELECT min(m) FROM (SELECT (SELECT min(ts) FROM history h WHERE h.series_id = s.id"
                            " AND h.id <= ?) AS m FROM series s)", (bound,)).fetchone()[0]
         if oldest is not None:
@@ -425,23 +432,13 @@ class Maintenance:
             # second leaves history's copies uncorrected but still flagged as unsynchronised
             where = "WHERE id >= ? AND flags & ? AND NOT flags & ?"
             upd = f"UPDATE main.readings SET ts = ts + ?, flags = flags | ? {where}"
-            c.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(c, "IMMEDIATE"):
                 merged = merged_upto(c)
                 # rows merged but still in the outbox are fixed in both places, counted once
                 c.execute(f"{upd} AND id <= ?", (*args, merged))
                 n = c.execute(f"{upd} AND id > ?", (*args, merged)).rowcount
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            c.execute("BEGIN")
-            try:
+            with transaction(c):
                 n += c.execute(f"UPDATE history SET ts = ts + ?, flags = flags | ? {where}", args).rowcount
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
             return int(n)
 
         n = await self._db.history.run(fix, transaction=False)
